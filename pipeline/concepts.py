@@ -122,7 +122,7 @@ def first_label_hits(store: LabelStore, concept: int, splits: list[str]):
 
 def token_store_for(store: LabelStore, tokens: Path | None) -> TokenStore:
     """The token store the labels were computed on: --tokens, else the path the manifest records."""
-    recorded = store.spec.inputs.get("tokens_path")
+    recorded = store.manifest.get("provenance", {}).get("tokens_path") or store.spec.inputs.get("tokens_path")
     path = tokens if tokens is not None else recorded
     if path is None:
         raise UserError(f"{store.path} records no token store path; pass --tokens DIR")

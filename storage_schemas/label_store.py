@@ -116,10 +116,12 @@ class LabelStore:
         path = Path(path)
         if (path / "manifest.json").exists():
             store = cls.open(path)
-            same = store.spec == spec and store.manifest["splits"] == _splits(spec, split_tokens)
-            if not same:
+            if store.spec != spec:
                 raise StoreError(f"{path} holds a different label store (fingerprint {store.fingerprint[:12]}, "
                                  f"asked for {spec.fingerprint[:12]}); choose another --out or remove it")
+            if store.manifest["splits"] != _splits(spec, split_tokens):
+                raise StoreError(f"{path} holds this label set for other splits ({store.manifest['splits']}); "
+                                 f"choose another --out or remove it")
             return store
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} exists and is not a label store; choose another --out or remove it")

@@ -1,0 +1,154 @@
+"""The attribution kernel against a dense reference written here, the way the paper's code computes it:
+full loss.backward() with parameter gradients, dense latents, grad @ W_dec^T, topk."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.attribution import active_attribution, attribute
+from sae import SAEConfig, TopKSAE, save_sae
+
+LAYER = 1
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 3, n_embd: int = 32, vocab_size: int = 300, n_positions: int = 64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab_size, n_positions=n_positions,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def save_teacher(model, folder, tokenizer_dir=None):
+    """A teacher folder as a user has one: weights, config and (optionally) its tokenizer's files."""
+    model.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            shutil.copyfile(f, folder / f.name)
+    return folder
+
+
+def tiny_sae(d_in: int = 32, n_latents: int = 96, k: int = 8, normalize: str = "none", seed: int = 1) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=d_in, n_latents=n_latents, k=k, normalize=normalize))
+    with torch.no_grad():  # random, not the encoder = decoder^T start, so encode and decode disagree
+        sae.W_enc.normal_()
+        sae.pre_bias.normal_(0, 0.1)
+        sae.latent_bias.normal_(0, 0.1)
+    return sae.eval()
+
+
+def save_tiny_sae(sae, folder):
+    save_sae(sae, folder)
+    return folder
+
+
+def windows(batch: int = 3, window: int = 24, seed: int = 2, vocab: int = 300):
+    return torch.randint(0, vocab, (batch, window), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_encode(sae: TopKSAE, h):
+    """OpenAI's TopK encoder written out: optional LN (unbiased std, eps 1e-5), then topk and ReLU."""
+    if sae.cfg.normalize == "layer_norm":
+        mu = h.mean(-1, keepdim=True)
+        h = (h - mu) / ((h - mu).std(-1, keepdim=True) + 1e-5)
+    pre = (h - sae.pre_bias) @ sae.W_enc.T + sae.latent_bias  # (N, n_latents)
+    vals, idx = pre.topk(sae.cfg.k, dim=-1)
+    return idx, vals.relu()
+
+
+def dense_reference(teacher, sae, win, k):
+    """Paper-style: grads on every parameter, the whole backward, dense latents and a dense product."""
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    store = {}
+
+    def hook(module, args, out):
+        out[0].retain_grad() if isinstance(out, tuple) else out.retain_grad()
+        store["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = model.transformer.h[LAYER].register_forward_hook(hook)
+    logits = model(input_ids=win).logits
+    handle.remove()
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), win[:, 1:].flatten(), reduction="sum")
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None  # really the full backward
+    h, grad_h = store["h"].detach().flatten(0, 1), store["h"].grad.flatten(0, 1)  # (N, d)
+    with torch.no_grad():
+        idx, vals = reference_encode(sae, h)
+        latents = torch.zeros(h.shape[0], sae.cfg.n_latents).scatter(-1, idx, vals)  # (N, n_latents) dense
+        dense_attr = latents * (grad_h @ sae.W_dec.T)
+        scores, ids = dense_attr.topk(k, dim=-1)
+    return ids, scores, dense_attr, idx, vals, logits.detach()
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_kernel_matches_dense_reference(normalize):
+    teacher, sae, win, k = tiny_gpt2(), tiny_sae(normalize=normalize), windows(), 4
+    out = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=k)
+    ref_ids, ref_scores, dense_attr, _, ref_vals, _ = dense_reference(teacher, sae, win, k)
+    ids, scores = out.ids.flatten(0, 1), out.scores.flatten(0, 1)
+    assert ids.shape == (3 * 24, k) and ids.dtype == torch.int64 and scores.dtype == torch.float32
+    scale = dense_attr.abs().max()
+    # every returned score is the reference's attribution of that latent, at every position
+    torch.testing.assert_close(scores, dense_attr.gather(-1, ids), rtol=1e-4, atol=1e-5 * scale)
+    # where the reference's top-k are all positive and clearly ordered, the labels are identical
+    gaps = (ref_scores[:, :-1] - ref_scores[:, 1:]).min(-1).values
+    comparable = (ref_scores > 0).all(-1) & (gaps > 1e-4 * scale)
+    assert comparable.float().mean() > 0.5
+    assert torch.equal(ids[comparable], ref_ids[comparable])
+    torch.testing.assert_close(scores[comparable], ref_scores[comparable], rtol=1e-4, atol=1e-5 * scale)
+    # valid: all but the last position of each window (every position has >= k active latents here)
+    assert (ref_vals > 0).sum(-1).min() >= k
+    assert torch.equal(out.valid, torch.arange(24).expand(3, 24) < 23)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_fewer_than_k_active_is_invalid_and_scores_not_clipped():
+    teacher, sae, win, k = tiny_gpt2(), tiny_sae(), windows(), 4
+    _, _, _, _, ref_vals, _ = dense_reference(teacher, sae, win, k)
+    # shift every latent down so that about half the positions keep fewer than k positive activations
+    pre_kth = ref_vals[:, k - 1]
+    with torch.no_grad():
+        sae.latent_bias -= pre_kth.median()
+    _, _, dense_attr, _, vals, _ = dense_reference(teacher, sae, win, k)
+    active = (vals > 0).sum(-1)
+    out = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=k)
+    expect = (active >= k).reshape(3, 24) & (torch.arange(24) < 23)
+    assert torch.equal(out.valid, expect) and expect.any() and (~expect[:, :-1]).any()
+    assert (out.scores < 0).any()  # signed scores are kept, not clipped at 0
+    torch.testing.assert_close(out.scores.flatten(0, 1), dense_attr.gather(-1, out.ids.flatten(0, 1)),
+                               rtol=1e-4, atol=1e-5 * dense_attr.abs().max())
+
+
+def test_optional_outputs_and_labels_unchanged():
+    teacher, sae, win = tiny_gpt2(), tiny_sae(normalize="layer_norm"), windows()
+    plain = attribute(teacher, sae, LAYER, "resid_post_mlp", win)
+    full = attribute(teacher, sae, LAYER, "resid_post_mlp", win, sae_k=12, teacher_k=5)
+    assert plain.sae_ids is None and plain.teacher_ids is None
+    assert torch.equal(plain.ids, full.ids) and torch.equal(plain.scores, full.scores)
+    *_, idx, vals, logits = dense_reference(teacher, sae, win, 4)
+    torch.testing.assert_close(full.teacher_logprobs, logits.log_softmax(-1).topk(5, -1).values)
+    assert torch.equal(full.teacher_ids, logits.topk(5, -1).indices)
+    assert full.sae_ids.shape == (3, 24, 12)
+    assert torch.equal(full.sae_ids[..., :8].flatten(0, 1), idx)  # the SAE's own k lead its larger code
+    torch.testing.assert_close(full.sae_vals[..., :8].flatten(0, 1), vals)
+
+
+def test_gather_is_sliced_without_changing_results(monkeypatch):
+    g, w = torch.randn(50, 16), torch.randn(40, 16)
+    idx, vals = torch.randint(0, 40, (50, 6)), torch.rand(50, 6)
+    whole = active_attribution(w, idx, vals, g)
+    torch.testing.assert_close(whole, vals * (g @ w.T).gather(-1, idx))
+    monkeypatch.setattr("pipeline.attribution.GATHER_ELEMENTS", 6 * 16 * 7)  # slices of 7 rows
+    torch.testing.assert_close(active_attribution(w, idx, vals, g), whole)
+
+
+def test_k_larger_than_sae_k_refused():
+    with pytest.raises(ValueError, match="cannot exceed"):
+        attribute(tiny_gpt2(), tiny_sae(k=3), LAYER, "resid_post_mlp", windows(), k=4)
