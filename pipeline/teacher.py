@@ -69,15 +69,9 @@ def structure_model(src: TeacherSource) -> nn.Module:
 def load_teacher(src: TeacherSource, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """The teacher in eval mode with every parameter frozen (requires_grad False)."""
-    from transformers import AutoModelForCausalLM
+    from sae.hooks import load_teacher as load
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load teacher {src.name!r} as a transformers causal LM: "
-                        f"{str(e).splitlines()[0][:200]}") from None
-    model.requires_grad_(False)
-    return model.to(device).eval()
+    return load(str(src.folder), device, dtype)
 
 
 def context_length(config) -> int | None:

@@ -75,8 +75,11 @@ def export_hf_cmd(
     out: Path = typer.Option(..., "--out", help="folder to write (config, safetensors, tokenizer)"),
     tokens: Path | None = typer.Option(None, "--tokens", help="token store whose tokenizer to copy "
                                        "(default: the one the run trained on)"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (halves the folder; for shipping)"),
 ) -> None:
     """Export an ntp student as a transformers GPT-2 folder (how the demo makes its teacher)."""
+    import torch
+
     from storage_schemas import TokenStore
     from trainer.checkpoint import load_model
     from trainer.model import export_hf
@@ -87,7 +90,9 @@ def export_hf_cmd(
     ts = TokenStore.open(tokens or meta["train"]["tokens"])
     if meta.get("tokenizer_fingerprint") not in (None, ts.tokenizer_fingerprint):
         raise UserError(f"{ts.path} uses another tokenizer than the run was trained with: pass the run's --tokens")
-    export_hf(model, out, ts.tokenizer_dir, eos_id=ts.eos_id)
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    export_hf(model, out, ts.tokenizer_dir, eos_id=ts.eos_id, dtype=getattr(torch, dtype))
     typer.echo(str(out))
 
 
@@ -141,6 +146,9 @@ def main_train() -> None:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # disk full while checkpointing: one line naming the file, as `cocomix train` says it
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

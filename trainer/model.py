@@ -12,6 +12,7 @@ Modes (GPTConfig.mode):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -398,7 +399,8 @@ def to_hf(model: GPT):
 
 
 def export_hf(
-    model: GPT, out_dir: Path, tokenizer_dir: Path | None = None, eos_id: int | None = None
+    model: GPT, out_dir: Path, tokenizer_dir: Path | None = None, eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write a standard HF folder (config.json, model.safetensors, tokenizer files copied from
     tokenizer_dir), loadable with AutoModelForCausalLM / AutoTokenizer. Built in a temporary folder
@@ -408,7 +410,10 @@ def export_hf(
         raise UserError(f"tokenizer folder {tokenizer_dir} does not exist")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder: choose another output path")
-    hf = to_hf(model)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and "model_type" not in _json_or_empty(out_dir / "config.json"):
+        # replacing is for re-exports: never a token store, a run or a checkpoint that happens to be there
+        raise UserError(f"{out_dir} exists and is not a transformers model folder: choose another --out")
+    hf = to_hf(model).to(dtype)  # bfloat16 halves a shipped folder; loaders upcast
     if eos_id is not None:
         hf.config.eos_token_id = hf.config.bos_token_id = eos_id
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +427,14 @@ def export_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
