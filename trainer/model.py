@@ -418,6 +418,9 @@ def export_hf(
         hf.config.eos_token_id = hf.config.bos_token_id = eos_id
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise survive the rename into place
     try:
         hf.save_pretrained(tmp)
         for f in Path(tokenizer_dir).iterdir() if tokenizer_dir is not None else ():
