@@ -12,7 +12,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _print_metrics(m: dict) -> None:
-    typer.echo(f"FVU {m['fvu']:.4f} | L0 {m['l0']:.1f} | dead {m['dead_fraction']:.2%} | "
+    # "dead" here is over the evaluated tokens only: small evals overstate it (training tracks it over
+    # `--dead-tokens`); evaluate more windows for a figure comparable to the training one.
+    typer.echo(f"FVU {m['fvu']:.4f} | L0 {m['l0']:.1f} | never active in these tokens {m['dead_fraction']:.2%} | "
                f"loss {m['loss_clean']:.4f} -> {m['loss_spliced']:.4f} (+{m['loss_increase']:.4f}; "
                f"zero-ablation {m['loss_zero_ablation']:.4f}) over {m['tokens']:,} tokens")
 
@@ -36,7 +38,7 @@ def train(
     dead_tokens: int = typer.Option(1_000_000, help="Tokens without firing after which a latent is dead."),
     bias_init: str = typer.Option("mean", help="Decoder-bias init: mean or geometric_median."),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (0 = only at the end)."),
-    eval_windows: int = typer.Option(32, help="Validation windows for the closing evaluation (0 = skip)."),
+    eval_windows: int = typer.Option(256, help="Validation windows for the closing evaluation (0 = skip)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the SAE."),
 ) -> None:
@@ -50,7 +52,8 @@ def train(
                          device=device, compile=compile)
     sae, meta = train_sae(cfg)
     typer.echo(f"{out}: {meta['steps']} steps, {meta['tokens']:,} tokens in {meta['seconds']:.0f} s "
-               f"({meta['tokens_per_second']:,.0f} tokens/s); last train FVU {meta['history'][-1]['fvu']:.4f}")
+               f"({meta['tokens_per_second']:,.0f} tokens/s); last train FVU {meta['history'][-1]['fvu']:.4f}, "
+               f"dead {meta['history'][-1]['dead']:.2%} (no activation in the last {cfg.dead_tokens:,} tokens)")
     if eval_windows > 0:
         _closing_eval(sae, cfg, meta, eval_windows)
 
