@@ -314,6 +314,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     spec, split_tokens = plan(cfg, tokens)
     store = open_store(cfg.out, spec, split_tokens)
     with _locked(Path(cfg.out) / ".lock", blocking=False):
+        recheck_units(store)
         missing = store.missing_units()
         summary = {"fingerprint": store.fingerprint, "path": str(cfg.out), "units_run": 0,
                    "units_total": sum(len(store.units(s)) for s in split_tokens), "tokens": 0, "seconds": 0.0}
@@ -329,6 +330,22 @@ def run_extract(cfg: ExtractConfig) -> dict:
     if failures:
         raise UnitsFailed(failures, len(missing))
     return summary
+
+
+def recheck_units(store: LabelStore) -> list[tuple[str, int]]:
+    """Completed units whose data no longer matches their record (a chunk file truncated, rewritten or
+    missing, a record without data): each is named on stderr and its record removed, so that this run
+    labels it again. Reads every finished chunk once (checksums), cheap beside labelling it."""
+    from storage_schemas import unit_problems
+
+    broken = []
+    for split in store.manifest["splits"]:
+        for unit, _, _ in store.units(split):
+            if store.is_complete(split, unit) and (problems := unit_problems(store, split, unit)):
+                print(f"warning: {problems[0]}; labelling {split} unit {unit} again", file=sys.stderr)
+                store.record_path(split, unit).unlink()
+                broken.append((split, unit))
+    return broken
 
 
 def run_units(cfg: ExtractConfig, store: LabelStore, units: list[tuple[str, int]],

@@ -397,8 +397,10 @@ def _write_store(cfg: TokenizeConfig, sources, tok, tok_dir: Path, extra: dict) 
         bar.close()
         _check_splits(counts, cfg)
         return writer.finish(extra)
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(cfg.out)  # a full disk: zarr's error names no file, so name the store
         raise
 
 

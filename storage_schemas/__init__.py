@@ -10,10 +10,10 @@ from .errors import StoreError, UserError
 from .io import ChunkedArray, fingerprint_json, sha256_file, write_json_atomic
 from .label_store import LabelSpec, LabelStore
 from .token_store import TokenStore, TokenStoreWriter, dtype_for_vocab, tokenizer_fingerprint
-from .validate import store_info, store_kind, validate_store
+from .validate import store_info, store_kind, unit_problems, validate_store
 
 __all__ = [
     "ChunkedArray", "LabelSpec", "LabelStore", "StoreError", "TokenStore", "TokenStoreWriter", "UserError",
     "dtype_for_vocab", "fingerprint_json", "sha256_file", "store_info", "store_kind", "tokenizer_fingerprint",
-    "validate_store", "write_json_atomic",
+    "unit_problems", "validate_store", "write_json_atomic",
 ]

@@ -39,12 +39,17 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only: leave no temporary file, and say which file it was
+        tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
+        raise
 
 
 def read_manifest(path: Path, kind: str, version: int) -> dict:

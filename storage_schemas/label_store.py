@@ -177,10 +177,14 @@ class LabelStore:
             if a.shape != (stop - start, *expected[n][1]):
                 raise StoreError(f"unit {split}/{unit}: {n} has shape {a.shape}, expected {(stop - start, *expected[n][1])}")
         checksums = {}
-        if "zarr" in self.spec.formats:
-            checksums |= self._write_zarr(split, unit, start, stop, arrays)
-        if "parquet" in self.spec.formats:
-            checksums["parquet"] = self._write_parquet(split, unit, start, arrays, tokens)
+        try:
+            if "zarr" in self.spec.formats:
+                checksums |= self._write_zarr(split, unit, start, stop, arrays)
+            if "parquet" in self.spec.formats:
+                checksums["parquet"] = self._write_parquet(split, unit, start, arrays, tokens)
+        except OSError as e:  # disk full mid-unit: no record is written, and the error names the store
+            e.filename = e.filename or str(self.path / split)
+            raise
         record = {"split": split, "unit": unit, "rows": [start, stop], "valid": int(arrays["valid"].sum()),
                   "checksums": checksums, "seconds": round(float(seconds), 3)}
         write_json_atomic(self.record_path(split, unit), record)
@@ -190,7 +194,9 @@ class LabelStore:
         out = {}
         for name, a in arrays.items():
             arr_dir = self.path / split / name
-            zarr.open_array(arr_dir, mode="r+")[start:stop] = a
+            # write_empty_chunks is runtime config (not stored): without it, a unit whose rows are all fill
+            # values (a split's tail shorter than a window) would get no chunk file at all
+            zarr.open_array(arr_dir, mode="r+").with_config({"write_empty_chunks": True})[start:stop] = a
             f = chunk_file(arr_dir, unit, a.ndim)
             fsync_path(f)
             out[name] = sha256_file(f)

@@ -29,11 +29,16 @@ def store_kind(path: Path) -> str:
     return kinds[kind]
 
 
-def validate_store(path: Path, tokens: Path | None = None) -> list[str]:
-    """Every problem found in a token or label store (empty list: the store is sound)."""
+def validate_store(path: Path, tokens: Path | None = None, checksums: bool = True) -> list[str]:
+    """Every problem found in a token or label store (empty list: the store is sound).
+
+    checksums=False runs only the cheap structural checks of a label store (completion records, chunk
+    files present with their sizes, manifest agreeing with the records), reading no array data: what
+    the trainer checks before it starts. Checksums, id ranges and counts need the full check.
+    """
     if store_kind(path) == "token":
         return validate_token_store(TokenStore.open(path))
-    return validate_label_store(LabelStore.open(path), TokenStore.open(tokens) if tokens else None)
+    return validate_label_store(LabelStore.open(path), TokenStore.open(tokens) if tokens else None, checksums)
 
 
 def _check_chunk(f: Path, expected_sha: str | None, size: int | None) -> str | None:
@@ -67,16 +72,32 @@ def validate_token_store(ts: TokenStore) -> list[str]:
     return problems
 
 
-def validate_label_store(store: LabelStore, tokens: TokenStore | None) -> list[str]:
+def validate_label_store(store: LabelStore, tokens: TokenStore | None, checksums: bool = True) -> list[str]:
     spec, problems = store.spec, []
     if spec.fingerprint != store.fingerprint:
         problems.append(f"{store.path}/manifest.json: fingerprint does not match its spec")
     if tokens is not None:
         problems += _check_alignment(store, tokens)
     for split in store.manifest["splits"]:
-        for unit, start, stop in store.units(split):
-            problems += _check_unit(store, split, unit, start, stop)
+        for unit, _, _ in store.units(split):
+            problems += unit_problems(store, split, unit, checksums)
     return problems
+
+
+def unit_problems(store: LabelStore, split: str, unit: int, checksums: bool = True) -> list[str]:
+    """What is wrong with one unit: no completion record, a record the manifest contradicts, chunk
+    files missing or of the wrong size, and (checksums=True) checksums, id range and valid count."""
+    rows = store.spec.chunk_rows
+    start, stop = unit * rows, min((unit + 1) * rows, store.num_rows(split))
+    rec, path = store.record(split, unit), store.record_path(split, unit)
+    if rec is None:
+        return [f"{path}: unit incomplete (no completion record); rerun extraction"]
+    listed = store.manifest.get("units", {}).get(f"{split}-{unit:06d}")
+    if listed is not None and listed.get("checksums") != rec.get("checksums"):
+        # a consolidated manifest lists every unit's checksums: one from another store disagrees
+        return [f"{store.path}/manifest.json: its record of {split} unit {unit} differs from {path} "
+                "(a manifest from another store?)"]
+    return _check_unit(store, split, unit, start, stop, rec, checksums)
 
 
 def _check_alignment(store: LabelStore, tokens: TokenStore) -> list[str]:
@@ -87,10 +108,8 @@ def _check_alignment(store: LabelStore, tokens: TokenStore) -> list[str]:
             for s in store.manifest["splits"] if s not in tokens.splits or store.num_rows(s) != tokens.num_tokens(s)]
 
 
-def _check_unit(store: LabelStore, split: str, unit: int, start: int, stop: int) -> list[str]:
-    rec = store.record(split, unit)
-    if rec is None:
-        return [f"{store.record_path(split, unit)}: unit incomplete (no completion record); rerun extraction"]
+def _check_unit(store: LabelStore, split: str, unit: int, start: int, stop: int, rec: dict,
+                checksums: bool) -> list[str]:
     if rec.get("rows") != [start, stop]:
         return [f"{store.record_path(split, unit)}: record is for rows {rec.get('rows')}, expected {[start, stop]}"]
     problems, spec = [], store.spec
@@ -98,12 +117,13 @@ def _check_unit(store: LabelStore, split: str, unit: int, start: int, stop: int)
         for name, (dtype, row_shape) in spec.arrays().items():
             size = spec.chunk_rows * int(np.prod(row_shape)) * np.dtype(dtype).itemsize if spec.codec == "raw" else None
             f = chunk_file(store.path / split / name, unit, 1 + len(row_shape))
-            if p := _check_chunk(f, rec["checksums"].get(name), size):
+            if p := _check_chunk(f, rec["checksums"].get(name) if checksums else None, size):
                 problems.append(p)
     if "parquet" in spec.formats:
-        if p := _check_chunk(store.path / "parquet" / f"{split}-{unit:06d}.parquet", rec["checksums"].get("parquet"), None):
+        sha = rec["checksums"].get("parquet") if checksums else None
+        if p := _check_chunk(store.path / "parquet" / f"{split}-{unit:06d}.parquet", sha, None):
             problems.append(p)
-    if problems:
+    if problems or not checksums:
         return problems
     ids, valid = store.array(split, "ids")[start:stop], store.array(split, "valid")[start:stop]
     if valid.any() and (bad := int(ids[valid].max())) >= spec.n_latents:

@@ -78,13 +78,18 @@ def save(out: Path, step: int, state: dict, keep: int, final_model: GPT | None =
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    if final_model is not None:
-        save_safetensors(final_model, str(tmp / "model.safetensors"))  # handles the tied embedding
-        write_json_atomic(tmp / "config.json", meta or {})
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        torch.save(state, tmp / "state.pt")
+        if final_model is not None:
+            save_safetensors(final_model, str(tmp / "model.safetensors"))  # handles the tied embedding
+            write_json_atomic(tmp / "config.json", meta or {})
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as e:  # disk full: drop the partial copy (the previous checkpoint stays the latest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        e.filename = e.filename or str(final)
+        raise
     if final.exists():  # the same step saved again (a stop_after that lands on a checkpoint step)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -106,7 +111,15 @@ def load_state(path: Path) -> dict:
     file = Path(path) / "state.pt"
     if not file.is_file():
         raise UserError(f"{path} is not a checkpoint: {file} does not exist")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign: our writer never leaves one, a partial copy can
+        raise _unreadable(file, e) from None
+
+
+def _unreadable(file: Path, e: Exception) -> UserError:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return UserError(f"{file} is not a readable checkpoint ({why}): remove {file.parent} to use the one before it")
 
 
 def check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
@@ -135,9 +148,12 @@ def load_model(path: Path) -> tuple[GPT, dict]:
     config.json when the checkpoint has them, else from state.pt."""
     ckpt = resolve(path)
     if (ckpt / "model.safetensors").is_file():
-        meta = json.loads((ckpt / "config.json").read_text())
-        model = GPT(GPTConfig(**meta["model"]))
-        load_safetensors(model, str(ckpt / "model.safetensors"))
+        try:
+            meta = json.loads((ckpt / "config.json").read_text())
+            model = GPT(GPTConfig(**meta["model"]))
+            load_safetensors(model, str(ckpt / "model.safetensors"))
+        except Exception as e:  # a truncated or foreign file, as in load_state
+            raise _unreadable(ckpt / "model.safetensors", e) from None
         return model.eval(), meta
     state = load_state(ckpt)
     meta = state["meta"]

@@ -18,7 +18,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from storage_schemas import ChunkedArray, LabelStore, TokenStore, UserError
+from storage_schemas import (
+    ChunkedArray,
+    LabelStore,
+    StoreError,
+    TokenStore,
+    UserError,
+    validate_store,
+)
 from trainer.config import TrainConfig
 
 
@@ -85,6 +92,7 @@ class WindowData:
         names = {"cocomix": ("ids", "scores", "valid"), "kd": ("teacher_ids", "teacher_logprobs")}
         wanted = names.get(mode, ()) if labels is not None else ()
         self._labels = {n: WindowReader(labels.array(split, n), window) for n in wanted}
+        self._label_store = labels
 
     def batch(self, windows: np.ndarray) -> dict[str, np.ndarray]:
         """windows (B,) -> idx, targets (B, W) int64 [+ concept_ids, concept_mask (B, W, k)]
@@ -101,10 +109,18 @@ class WindowData:
             scores = self._labels["scores"](windows)
             out["concept_ids"] = self._labels["ids"](windows).astype(np.int64)
             out["concept_mask"] = valid & (scores > 0) if self.positive_only else np.repeat(valid, scores.shape[-1], -1)
+            self._check_ids(out["concept_ids"][out["concept_mask"]], windows)
         if "teacher_ids" in self._labels:
             out["teacher_ids"] = self._labels["teacher_ids"](windows).astype(np.int64)
             out["teacher_logprobs"] = self._labels["teacher_logprobs"](windows).astype(np.float32)
         return out
+
+    def _check_ids(self, used: np.ndarray, windows: np.ndarray) -> None:
+        """A concept id outside the concept head would crash the step (or assert on CUDA): refuse in one line."""
+        n = self._label_store.spec.n_latents
+        if used.size and (bad := int(used.max())) >= n:
+            raise StoreError(f"label store {self._label_store.path} holds concept id {bad} >= its {n} latents "
+                             f"({self.split} windows {windows.min()}..{windows.max()}): run `cocomix shards validate`")
 
 
 class WindowOrder:
@@ -201,6 +217,10 @@ def _check_labels(cfg: TrainConfig, ts: TokenStore, labels: LabelStore) -> None:
         split, unit = missing[0]
         raise UserError(f"label store {labels.path} is incomplete ({len(missing)} units missing, first "
                         f"{split}-{unit:06d}): finish it with `cocomix extract` before training")
+    # cheap: records, chunk files and their sizes, no data read (checksums are `cocomix shards validate`'s job)
+    if problems := validate_store(labels.path, checksums=False):
+        raise UserError(f"label store {labels.path} is damaged ({len(problems)} problem(s), first: {problems[0]}): "
+                        f"rerun `cocomix extract` to repair it")
     if cfg.mode == "kd" and not spec.teacher_k:
         raise UserError(f"kd mode needs the teacher's top-K in the labels, and {labels.path} has none: "
                         f"extract with --store-teacher-topk K")

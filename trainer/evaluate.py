@@ -58,6 +58,14 @@ def val_loss(model: torch.nn.Module, data: WindowData, n_windows: int, batch_siz
 def evaluate(checkpoint: Path, tokens: Path, split: str = "val", max_windows: int | None = None,
              batch_size: int = 8, device: str = "cpu") -> dict:
     """Val loss and perplexity of a checkpoint (or a run folder's latest) on a token store's split."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available: use --device cpu")
     ckpt = resolve(checkpoint)
     model, meta = load_model(ckpt)
     ts = TokenStore.open(tokens)
@@ -72,7 +80,6 @@ def evaluate(checkpoint: Path, tokens: Path, split: str = "val", max_windows: in
     n = data.n_windows if max_windows is None else min(max_windows, data.n_windows)
     if n < 1:
         raise UserError(f"split {split} of {tokens} has {data.n_tokens} tokens, fewer than one window of {W}")
-    dev = torch.device(device)
     total, count = eval_loss(model.to(dev), data, np.arange(n), batch_size, dev)
     loss = (total / count).item()
     return {"checkpoint": str(ckpt), "tokens": str(tokens), "split": split, "windows": n,
