@@ -7,19 +7,23 @@ stderr and exit code 2, so no user ever sees a traceback for a bad path or misma
 
 from __future__ import annotations
 
-import click
 import typer
+from typer._click.exceptions import UsageError  # typer >= 0.20 vendors click: the real click's classes differ
 from typer.core import TyperGroup
 
 from storage_schemas import UserError
 
 
 class CocomixGroup(TyperGroup):
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except UsageError as e:  # bad option value or type, unknown command: one line too, not a box
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            typer.echo(f"error: {e.format_message()}{where}", err=True)
             raise typer.Exit(2) from None
         except OSError as e:  # disk full, read-only target: the system's reason and the path, exit 1
             typer.echo(f"error: {e}", err=True)

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-import click
 import typer
+from typer._click.exceptions import ClickException  # typer vendors click: not the `click` package's class
 
 from storage_schemas import UserError
 
@@ -149,7 +149,7 @@ def main_train() -> None:
     except OSError as e:  # disk full while checkpointing: one line naming the file, as `cocomix train` says it
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except click.ClickException as e:
-        e.show()
+    except ClickException as e:  # bad option value or type
+        typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
