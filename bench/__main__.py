@@ -25,7 +25,7 @@ def main() -> None:
     head = ("bench", "measure", "value", "unit", "note")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
     for r in [head, tuple("-" * w for w in widths), *rows]:
-        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)))
 
 
 if __name__ == "__main__":

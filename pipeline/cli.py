@@ -8,7 +8,9 @@ stderr and exit code 2, so no user ever sees a traceback for a bad path or misma
 from __future__ import annotations
 
 import typer
-from typer._click.exceptions import UsageError  # typer >= 0.20 vendors click: the real click's classes differ
+from typer._click.exceptions import (
+    UsageError,  # typer >= 0.20 vendors click: the real click's classes differ
+)
 from typer.core import TyperGroup
 
 from storage_schemas import UserError

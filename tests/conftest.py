@@ -35,6 +35,17 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
     return Path(out_dir)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids oversubscription (several x faster)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")

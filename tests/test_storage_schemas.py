@@ -3,8 +3,16 @@ import json
 import numpy as np
 import pytest
 
-from storage_schemas import (LabelSpec, LabelStore, StoreError, TokenStore, TokenStoreWriter,
-                             store_info, tokenizer_fingerprint, validate_store)
+from storage_schemas import (
+    LabelSpec,
+    LabelStore,
+    StoreError,
+    TokenStore,
+    TokenStoreWriter,
+    store_info,
+    tokenizer_fingerprint,
+    validate_store,
+)
 
 
 def make_token_store(path, tokenizer_dir, docs, chunk_tokens=64, split_of=lambda i: "train"):

@@ -16,15 +16,6 @@ from trainer.evaluate import evaluate
 from trainer.train import lr_at, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (5x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("train")

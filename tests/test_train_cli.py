@@ -16,14 +16,6 @@ TINY = ["--set", "block_size=16", "--set", "n_layer=2", "--set", "n_head=2", "--
         "--set", "batch_size=4", "--set", "eval_windows=4", "--set", "device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("cli")

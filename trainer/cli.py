@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import typer
-from typer._click.exceptions import ClickException  # typer vendors click: not the `click` package's class
+from typer._click.exceptions import (
+    ClickException,  # typer vendors click: not the `click` package's class
+)
 
 from storage_schemas import UserError
 
@@ -130,7 +132,7 @@ def generate_cmd(
                          n_concepts if show_concepts else 0, parse_steer(steer), parse_steer(steer_add), tokenizer)
     text, steps, pieces = generate(cfg)
     if show_concepts:
-        for piece, step in zip(pieces, steps):
+        for piece, step in zip(pieces, steps, strict=False):
             shown = "  ".join(f"{cid}:{p:.2f}" for cid, p in step.concepts)
             typer.echo(f"{piece!r:>16}  {shown}")
         typer.echo("")

@@ -101,7 +101,7 @@ def sample(model: GPT, idx: torch.Tensor, cfg: GenerateConfig, steer: Steering |
         concepts = []
         if cfg.show_concepts and out.concept_logits is not None:
             p = out.concept_logits[0, -1].float().softmax(-1).topk(cfg.show_concepts)
-            concepts = list(zip(p.indices.tolist(), p.values.tolist()))
+            concepts = list(zip(p.indices.tolist(), p.values.tolist(), strict=True))
         steps.append(Step(nxt, concepts))
         idx = torch.cat([idx, torch.tensor([[nxt]])], dim=1)
     return steps

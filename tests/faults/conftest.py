@@ -6,19 +6,10 @@ import shutil
 import tempfile
 
 import pytest
-import torch
 from test_attribution import save_teacher, save_tiny_sae, tiny_gpt2, tiny_sae
 from test_extract_checks import make_token_store
 
 from .faultkit import synthetic_labels
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
