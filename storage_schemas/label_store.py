@@ -24,8 +24,16 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import StoreError
-from .io import ChunkedArray, chunk_file, fingerprint_json, fsync_path, memmap_chunk, read_manifest
-from .io import sha256_file, write_json_atomic
+from .io import (
+    ChunkedArray,
+    chunk_file,
+    fingerprint_json,
+    fsync_path,
+    memmap_chunk,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 
 KIND = "cocomix.label_store"
 FORMAT_VERSION = 1

@@ -17,8 +17,16 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
-from .io import ChunkedArray, chunk_file, fingerprint_json, memmap_chunk, read_manifest, sha256_file
-from .io import fsync_path, write_json_atomic
+from .io import (
+    ChunkedArray,
+    chunk_file,
+    fingerprint_json,
+    fsync_path,
+    memmap_chunk,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 
 KIND = "cocomix.token_store"
 FORMAT_VERSION = 1
