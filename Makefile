@@ -49,7 +49,7 @@ WINDOW   := 256
 TOKENS   := $(OUT)/tokens
 LABELS   := $(OUT)/labels
 RUNS     := $(OUT)/runs
-STUDENT_TOKENS ?= 1000000
+STUDENT_TOKENS ?= 800000
 SEED     ?= 0
 # one thread per process and two students at a time: tiny models scale badly across threads
 TRAIN    := $(COCOMIX) train --tokens $(TOKENS) --max-tokens $(STUDENT_TOKENS) --seed $(SEED) --set threads=1

@@ -64,7 +64,7 @@ def test_demo_chain_at_toy_size(corpus):
     cocomix("compare", *runs, "--out", r / "report", cwd=cwd)
     report = (r / "report" / "report.md").read_text()
     for mode in ("ntp", "cocomix", "pause", "kd"):
-        assert f"| {mode} |" in report
+        assert f"| {mode} | {mode} |" in report
     assert "Sample efficiency against `ntp`" in report and (r / "report" / "val_loss.png").exists()
     label_fp = json.loads((r / "labels" / "manifest.json").read_text())["fingerprint"]
     assert json.loads((r / "runs" / "cocomix" / "run.json").read_text())["label_fingerprint"] == label_fp

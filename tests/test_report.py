@@ -26,23 +26,23 @@ def test_tokens_to_reach_interpolates():
 
 def test_compare_groups_seeds_and_reports_efficiency(tmp_path):
     runs = [fake_run(tmp_path / "ntp", "ntp", 10, [5.0, 4.0, 3.0, 2.0]),
-            fake_run(tmp_path / "c0", "cocomix", 12, [5.0, 3.5, 2.5, 1.5], seed=0),
-            fake_run(tmp_path / "c1", "cocomix", 12, [5.0, 3.5, 1.5, 1.5], seed=1),
-            fake_run(tmp_path / "w", "ntp", 12, [5.0, 4.5, 4.0, 3.5])]
+            fake_run(tmp_path / "cocomix-seed0", "cocomix", 12, [5.0, 3.5, 2.5, 1.5], seed=0),
+            fake_run(tmp_path / "cocomix-seed1", "cocomix", 12, [5.0, 3.5, 1.5, 1.5], seed=1),
+            fake_run(tmp_path / "ntp-wide", "ntp", 12, [5.0, 4.5, 4.0, 3.5])]
     report = compare(runs, tmp_path / "report").read_text()
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     rows = {r["run"]: r for r in summary["rows"]}
-    assert set(rows) == {"ntp (10 params)", "cocomix", "ntp (12 params)"}
+    assert set(rows) == {"ntp", "cocomix", "ntp-wide"}
     assert rows["cocomix"]["seeds"] == 2 and rows["cocomix"]["val_loss"] == pytest.approx(1.5)
     assert (tmp_path / "report" / "val_loss.png").stat().st_size > 1000
-    assert "| cocomix | 2 |" in report
-    assert set(summary["sample_efficiency_pct"]) == {"ntp (10 params)", "ntp (12 params)"}
-    assert summary["sample_efficiency_pct"]["ntp (12 params)"]["cocomix"] == pytest.approx(50.0)  # mean curve hits 3.5 at 2000 of 4000
+    assert "| cocomix | cocomix | 2 |" in report
+    assert set(summary["sample_efficiency_pct"]) == {"ntp", "ntp-wide"}
+    assert summary["sample_efficiency_pct"]["ntp-wide"]["cocomix"] == pytest.approx(50.0)  # mean curve hits 3.5 at 2000 of 4000
 
 
 def test_compare_sample_efficiency_against_ntp(tmp_path):
     runs = [fake_run(tmp_path / "ntp", "ntp", 10, [5.0, 4.0, 3.0, 2.0]),
-            fake_run(tmp_path / "c", "cocomix", 12, [5.0, 3.0, 2.0, 1.5])]
+            fake_run(tmp_path / "cocomix", "cocomix", 12, [5.0, 3.0, 2.0, 1.5])]
     compare(runs, tmp_path / "r")
     eff = json.loads((tmp_path / "r" / "summary.json").read_text())["sample_efficiency_pct"]
     assert eff["ntp"]["cocomix"] == pytest.approx(75.0)  # reaches 2.0 at 3000 of NTP's 4000 tokens

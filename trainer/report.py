@@ -1,6 +1,6 @@
 """`cocomix compare`: validation-loss curves and the sample-efficiency figure across runs.
 
-Runs are grouped by mode and parameter count (e.g. several seeds of `cocomix`); each group shows the mean
+Runs are grouped by folder name without a seed suffix (`cocomix-seed0`, `cocomix-seed1`); each group shows the mean
 and spread of its final validation loss, because single-seed differences of a few hundredths of a nat are
 within noise at demo scale. The paper's sample-efficiency figure: the tokens CoCoMix needed to reach the
 NTP baseline's final validation loss, as a percentage of the tokens NTP trained on.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,10 @@ def load_run(path: Path) -> Run:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Group by mode; a mode trained at several sizes (e.g. NTP widened to CoCoMix's size) gets the size in its name."""
-    sizes: dict[str, set[int]] = {}
-    for r in runs:
-        sizes.setdefault(r.mode, set()).add(r.params)
+    """Group runs by folder name without a trailing seed (`cocomix-seed1` -> `cocomix`): the seeds of one setup."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        name = r.mode if len(sizes[r.mode]) == 1 else f"{r.mode} ({r.params:,} params)"
-        groups.setdefault(name, []).append(r)
+        groups.setdefault(re.sub(r"[-_]?seed\d+$", "", r.path.name) or r.mode, []).append(r)
     return groups
 
 
@@ -81,7 +78,7 @@ def summarize(groups: dict[str, list[Run]]) -> list[dict]:
     rows = []
     for name, runs in groups.items():
         finals = np.array([r.val_loss[-1] for r in runs])
-        rows.append({"run": name, "seeds": len(runs), "params": runs[0].params,
+        rows.append({"run": name, "mode": runs[0].mode, "seeds": len(runs), "params": runs[0].params,
                      "tokens": int(runs[0].tokens[-1]), "val_loss": float(finals.mean()),
                      "val_loss_std": float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
                      "val_ppl": float(np.mean(np.exp(finals))),
@@ -130,11 +127,11 @@ def plot(groups: dict[str, list[Run]], out: Path) -> None:
 
 
 def markdown(rows: list[dict], efficiency: dict) -> str:
-    lines = ["| run | seeds | params | tokens | val loss | val ppl | tokens/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | mode | seeds | params | tokens | val loss | val ppl | tokens/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         spread = f" ± {r['val_loss_std']:.3f}" if r["seeds"] > 1 else ""
-        lines.append(f"| {r['run']} | {r['seeds']} | {r['params'] / 1e6:.2f}M | {r['tokens'] / 1e6:.2f}M | "
+        lines.append(f"| {r['run']} | {r['mode']} | {r['seeds']} | {r['params'] / 1e6:.2f}M | {r['tokens'] / 1e6:.2f}M | "
                      f"{r['val_loss']:.3f}{spread} | {r['val_ppl']:.1f} | {r['tokens_per_s']:.0f} |")
     for base, others in efficiency.items():
         lines += ["", f"Sample efficiency against `{base}`: tokens needed to reach its final validation loss, "
