@@ -84,6 +84,8 @@ students: $(LABELS)/manifest.json | $(RUNS)
 	$(MAKE) --no-print-directory -j2 $(foreach s,$(STUDENTS),$(RUNS)/$(s)/run.json)
 
 demo: extract-concepts students
+	@echo "seeds: train/val split 0, students $(SEED), teacher and SAE 0 (see make teacher / make sae)"
+	$(COCOMIX) sae info $(SAE)
 	$(COCOMIX) compare $(foreach s,$(STUDENTS),$(RUNS)/$(s)) --out $(OUT)/report
 	@echo "report: $(OUT)/report/report.md"
 
