@@ -17,6 +17,8 @@ def tokenize(
     train_tokenizer: int | None = typer.Option(
         None, "--train-tokenizer", metavar="VOCAB", help="Train a byte-level BPE of this size on the train split."),
     val_fraction: float = typer.Option(0.03, help="Share of documents in the val split (by hash of document key)."),
+    train_fraction: float = typer.Option(
+        1.0, help="Share of the train documents to keep (same hash; val unchanged): a small train split."),
     seed: int = typer.Option(0, help="Seed of the train/val split hash."),
     workers: int = typer.Option(1, help="Encoding processes (1: in process; the encoder is already threaded)."),
     chunk_tokens: int = typer.Option(1 << 20, help="Tokens per store chunk."),
@@ -26,7 +28,7 @@ def tokenize(
     from pipeline.tokenize import TokenizeConfig, tokenize_corpus
 
     cfg = TokenizeConfig(inputs=tuple(input), out=out, tokenizer=tokenizer, train_vocab=train_tokenizer,
-                         val_fraction=val_fraction, seed=seed, workers=workers, chunk_tokens=chunk_tokens,
+                         val_fraction=val_fraction, train_fraction=train_fraction, seed=seed, workers=workers, chunk_tokens=chunk_tokens,
                          invalid_utf8=invalid_utf8)
     manifest = tokenize_corpus(cfg)
     counts = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in manifest["splits"].items())

@@ -7,7 +7,9 @@ the document order is deterministic; other files in a folder are ignored).
 Train/val split: by document, from a hash of the document's key and the seed, never from RNG
 order, so adding a file does not move any other document between splits. The key is the
 document's `id` field/column when it has one, else `<file>:<line or row>` (`<file>` for .txt),
-with `<file>` relative to the input argument.
+with `<file>` relative to the input argument. `train_fraction` < 1 keeps only that share of the
+train documents, decided by the same hash (the val split does not change, and a larger fraction
+keeps a superset): a small train split for multi-epoch, data-limited runs such as `make demo`.
 
 Invalid UTF-8 is refused by default: the error names the file and the byte offset (in the
 decompressed stream for .gz) and the line or row. A corpus known to hold a few stray bytes can be
@@ -69,6 +71,8 @@ class TokenizeConfig:
     train_vocab: int | None = None
     """Train a byte-level BPE with this vocabulary size on the train split."""
     val_fraction: float = 0.03
+    train_fraction: float = 1.0
+    """Share of the train documents kept (by the split hash); the val split is unchanged."""
     seed: int = 0
     workers: int = 1
     """Encoding processes; 1 encodes in process (the Rust encoder already uses every core)."""
@@ -87,6 +91,8 @@ class TokenizeConfig:
                             "(256 bytes plus the eos token at least)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"--train-fraction {self.train_fraction}: must be in (0, 1]")
         if self.workers < 1 or self.chunk_tokens < 1 or self.batch_docs < 1:
             raise UserError("--workers, --chunk-tokens and the batch size must be positive")
         if self.invalid_utf8 not in ("refuse", "replace"):
@@ -192,17 +198,24 @@ class _Decoder:
             return raw.decode("utf-8", errors="replace")
 
 
-def split_of(key: str, seed: int, val_fraction: float) -> str:
-    """'val' for a fixed share of keys, decided by the key and seed alone."""
+def split_of(key: str, seed: int, val_fraction: float, train_fraction: float = 1.0) -> str | None:
+    """'val' for a fixed share of keys, decided by the key and seed alone; 'train' for train_fraction
+    of the rest, None (dropped) for the others. The hash u in [0, 1) is cut at val_fraction, then
+    at val_fraction + train_fraction * (1 - val_fraction): changing train_fraction never moves a
+    document into or out of val."""
     h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(h, "little") < val_fraction * 2.0**64 else "train"
+    u = int.from_bytes(h, "little") / 2.0**64
+    if u < val_fraction:
+        return "val"
+    return "train" if train_fraction >= 1.0 or u < val_fraction + train_fraction * (1 - val_fraction) else None
 
 
 def iter_corpus(cfg: TokenizeConfig, sources: list[tuple[Path, str]]) -> Iterator[tuple[str, str]]:
-    """(split, text) for every document, in input order."""
+    """(split, text) for every kept document, in input order."""
     for path, name in sources:
         for key, text in read_documents(path, name, cfg.invalid_utf8):
-            yield split_of(key, cfg.seed, cfg.val_fraction), text
+            if split := split_of(key, cfg.seed, cfg.val_fraction, cfg.train_fraction):
+                yield split, text
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -325,6 +338,8 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     request = {"sources": [h["sha256"] for h in hashes], "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                "tokenizer": cfg.tokenizer, "train_vocab": cfg.train_vocab, "chunk_tokens": cfg.chunk_tokens,
                "invalid_utf8": cfg.invalid_utf8, "tokenizer_files": _tokenizer_files_hash(cfg.tokenizer)}
+    if cfg.train_fraction < 1.0:  # only then, so that stores made before this option stay up to date
+        request["train_fraction"] = cfg.train_fraction
     existing = _existing_store(out, fingerprint_json(request))
     if existing is not None:
         return existing
@@ -333,6 +348,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> dict:
     try:
         tok_dir, tok = _prepare_tokenizer(cfg, sources, work)
         extra = {"sources": hashes, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                 "train_fraction": cfg.train_fraction,
                  "tokenizer": cfg.tokenizer or f"byte-level BPE {cfg.train_vocab} (trained on train split)",
                  "request_fingerprint": fingerprint_json(request), "created_by": "cocomix tokenize"}
         return _write_store(cfg, sources, tok, tok_dir, extra)

@@ -93,6 +93,35 @@ def test_split_is_by_document_key_and_seed(tmp_path, tokenizer_dir):
         assert all(np.array_equal(x, y) for x, y in zip(a, b[: len(a)], strict=True))
 
 
+def test_train_fraction_keeps_a_share_of_train_and_all_of_val(tmp_path, tokenizer_dir):
+    keys = [f"doc-{i}" for i in range(4000)]
+    val = {k for k in keys if split_of(k, 3, 0.1) == "val"}
+    for fraction in (0.25, 0.5):
+        kept = {k for k in keys if split_of(k, 3, 0.1, fraction) == "train"}
+        assert {k for k in keys if split_of(k, 3, 0.1, fraction) == "val"} == val  # val never moves
+        assert abs(len(kept) / (len(keys) - len(val)) - fraction) < 0.05
+    quarter = {k for k in keys if split_of(k, 3, 0.1, 0.25) == "train"}
+    assert quarter < {k for k in keys if split_of(k, 3, 0.1, 0.5) == "train"}  # a larger share: a superset
+    # Through the CLI: the same val documents, a subset of the train documents, in the same order.
+    root = tmp_path / "c"
+    root.mkdir()
+    write_jsonl(root / "a.jsonl", [{"id": f"a{i}", "text": f"{i}: {t}"} for i, t in enumerate(TEXT)])
+    base = ("tokenize", "--input", root, "--tokenizer", tokenizer_dir, "--val-fraction", "0.2")
+    assert cli(*base, "--out", tmp_path / "all").exit_code == 0
+    r = cli(*base, "--train-fraction", "0.5", "--out", tmp_path / "half")
+    assert r.exit_code == 0, r.output
+    full, half = TokenStore.open(tmp_path / "all"), TokenStore.open(tmp_path / "half")
+    assert np.array_equal(full.tokens("val")[:], half.tokens("val")[:])
+    all_train = [d.tobytes() for d in store_docs(full, "train")[0]]
+    half_train = [d.tobytes() for d in store_docs(half, "train")[0]]
+    assert 0 < len(half_train) < len(all_train)
+    assert half_train == [d for d in all_train if d in set(half_train)]
+    assert half.manifest["train_fraction"] == 0.5
+    bad = cli(*base, "--train-fraction", "0", "--out", tmp_path / "zero")
+    assert bad.exit_code == 2 and "--train-fraction 0.0: must be in (0, 1]" in bad.stderr
+    assert not (tmp_path / "zero").exists()
+
+
 def test_trained_tokenizer_sees_train_split_only(tmp_path):
     from transformers import AutoTokenizer
 
