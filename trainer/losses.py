@@ -38,16 +38,16 @@ def concept_loss(z: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
     return ce.sum() / mask.sum().clamp(min=1)
 
 
-def _log_rest_mass(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """log of the softmax mass of `logits` outside `ids`, exactly: log-sum-exp with the ids masked.
+def _log_rest_mass(log_probs: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """log of the probability mass outside `ids`, exactly: a log-sum-exp with the ids masked.
 
-    logits (N, V) float32, ids (N, K) -> (log mass (N, 1), empty (N, 1) bool). Masking with the
-    dtype's minimum (not -inf) keeps value and gradient finite when the ids cover the vocabulary.
+    log_probs (N, V) float32, normalised (a log_softmax), ids (N, K) -> (log mass (N, 1), empty
+    (N, 1) bool). Masking with the dtype's minimum (not -inf) keeps value and gradient finite when
+    the ids cover the vocabulary.
     """
-    neg = torch.finfo(logits.dtype).min
-    rest = torch.logsumexp(logits.scatter(-1, ids, neg), dim=-1, keepdim=True)
-    empty = rest < neg / 2  # every token is among the ids
-    return rest - torch.logsumexp(logits, dim=-1, keepdim=True), empty
+    neg = torch.finfo(log_probs.dtype).min
+    rest = torch.logsumexp(log_probs.scatter(-1, ids, neg), dim=-1, keepdim=True)
+    return rest, rest < neg / 2  # empty: every token is among the ids
 
 
 def kd_loss(
@@ -78,7 +78,7 @@ def kd_loss(
     t_lp = torch.where(ok[..., None], teacher_logprobs.float(), 0.0).flatten(0, 1)  # (N, K)
     s = logits.float().flatten(0, 1) / temperature  # (N, V)
     s_lp = torch.log_softmax(s, dim=-1)
-    s_rest, empty = _log_rest_mass(s, ids)
+    s_rest, empty = _log_rest_mass(s_lp, ids)
     s_buckets = torch.cat([s_lp.gather(-1, ids), s_rest], dim=-1)  # (N, K+1)
     # an empty tail (K == V) holds no teacher mass: what 1 - sum leaves there is rounding
     t_rest = (1.0 - t_lp.exp().sum(-1, keepdim=True)).clamp(min=0.0).masked_fill(empty, 0.0)  # (N, 1)
