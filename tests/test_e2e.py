@@ -1,6 +1,7 @@
 """The demo chain end to end at toy size, through the real CLI: tokenizer -> token store -> teacher ->
-HF export -> SAE -> Ray extraction -> ntp / cocomix / pause / kd students -> compare report. Then a
-second pass of every stage finds its output and does nothing."""
+HF export -> SAE -> the students' token store (the teacher's tokenizer, a share of the train documents)
+-> Ray extraction -> ntp / cocomix / pause / kd students -> compare report. Then a second pass of every
+stage finds its output and does nothing."""
 
 import gzip
 import json
@@ -50,15 +51,23 @@ def test_demo_chain_at_toy_size(corpus):
                       "--latents", 128, "--k", 8, "--tokens-budget", 20000, "--window", 64, "--batch-windows", 8,
                       "--eval-windows", 4, "--out", r / "sae", cwd=cwd)
     assert "FVU" in sae_out
-    extract = ["extract", "--tokens", r / "tokens", "--teacher", r / "teacher", "--sae", r / "sae", "--layer", 0,
+    # as in `make demo`: the students see a share of the train documents, tokenized by the teacher's tokenizer
+    student_tokens = ["tokenize", "--input", r / "small.jsonl", "--tokenizer", r / "teacher", "--val-fraction",
+                      0.25, "--train-fraction", 0.5, "--out", r / "student-tokens"]
+    cocomix(*student_tokens, cwd=cwd)
+    teacher_split = json.loads((r / "tokens" / "manifest.json").read_text())["splits"]
+    student_split = json.loads((r / "student-tokens" / "manifest.json").read_text())["splits"]
+    assert student_split["val"] == teacher_split["val"]
+    assert 0 < student_split["train"]["documents"] < teacher_split["train"]["documents"]
+    extract = ["extract", "--tokens", r / "student-tokens", "--teacher", r / "teacher", "--sae", r / "sae", "--layer", 0,
                "--window", 64, "--workers", 2, "--threads", 1, "--chunk-windows", 16, "--store-teacher-topk", 8,
                "--no-progress", "--out", r / "labels"]
     cocomix(*extract, cwd=cwd)
-    assert "ok" in cocomix("shards", "validate", r / "labels", "--tokens", r / "tokens", cwd=cwd)
+    assert "ok" in cocomix("shards", "validate", r / "labels", "--tokens", r / "student-tokens", cwd=cwd)
     runs = []
     for mode in ("ntp", "cocomix", "pause", "kd"):
         labels = ["--labels", r / "labels"] if mode in ("cocomix", "kd") else []
-        cocomix("train", "--preset", "demo", "--mode", mode, "--tokens", r / "tokens", *labels,
+        cocomix("train", "--preset", "demo", "--mode", mode, "--tokens", r / "student-tokens", *labels,
                 "--out", r / "runs" / mode, *TINY, cwd=cwd)
         runs.append(r / "runs" / mode)
     cocomix("compare", *runs, "--out", r / "report", cwd=cwd)
@@ -72,8 +81,9 @@ def test_demo_chain_at_toy_size(corpus):
     # a second pass reuses every stage
     assert "up to date" in cocomix("tokenize", "--input", r / "small.jsonl", "--train-tokenizer", 512,
                                    "--val-fraction", 0.25, "--out", r / "tokens", cwd=cwd)
+    assert "up to date" in cocomix(*student_tokens, cwd=cwd)
     assert "nothing to do" in cocomix(*extract, cwd=cwd)
     before = (r / "runs" / "cocomix" / "metrics.jsonl").read_text()
-    cocomix("train", "--preset", "demo", "--mode", "cocomix", "--tokens", r / "tokens", "--labels", r / "labels",
-            "--out", r / "runs" / "cocomix", *TINY, cwd=cwd)
+    cocomix("train", "--preset", "demo", "--mode", "cocomix", "--tokens", r / "student-tokens",
+            "--labels", r / "labels", "--out", r / "runs" / "cocomix", *TINY, cwd=cwd)
     assert (r / "runs" / "cocomix" / "metrics.jsonl").read_text() == before
