@@ -147,6 +147,7 @@ def store_info(path: Path) -> dict:
                 "tokenizer": m.get("tokenizer"), "tokenizer_fingerprint": m["tokenizer_fingerprint"],
                 "splits": {s: {k: v["tokens"] if k == "tokens" else v[k] for k in ("tokens", "documents")}
                            for s, v in m["splits"].items()},
+                "val_fraction": m.get("val_fraction"), "train_fraction": m.get("train_fraction", 1.0),
                 "sources": m.get("sources", []), "bytes": _dir_bytes(path)}
     store = LabelStore.open(path)
     spec, total_rows = store.spec, sum(v["rows"] for v in store.manifest["splits"].values())

@@ -117,6 +117,8 @@ def test_train_fraction_keeps_a_share_of_train_and_all_of_val(tmp_path, tokenize
     assert 0 < len(half_train) < len(all_train)
     assert half_train == [d for d in all_train if d in set(half_train)]
     assert half.manifest["train_fraction"] == 0.5
+    info = cli("shards", "info", tmp_path / "half", "--json")
+    assert json.loads(info.stdout)["train_fraction"] == 0.5 and json.loads(info.stdout)["val_fraction"] == 0.2
     bad = cli(*base, "--train-fraction", "0", "--out", tmp_path / "zero")
     assert bad.exit_code == 2 and "--train-fraction 0.0: must be in (0, 1]" in bad.stderr
     assert not (tmp_path / "zero").exists()
