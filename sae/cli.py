@@ -102,14 +102,18 @@ def eval_(
     batch_windows: int = typer.Option(8),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    save: bool = typer.Option(False, "--save", help="Store the metrics in the checkpoint (cocomix format; "
+                              "cfg.json only, the weights are not rewritten)."),
 ) -> None:
     """FVU, mean L0, dead fraction and the teacher's loss increase with the SAE spliced in."""
-    from sae.formats import load_sae, read_meta
+    from sae.formats import detect_format, load_sae, read_meta, store_metrics
     from sae.hooks import check_hook, load_teacher, teacher_config_checks
     from sae.metrics import evaluate_sae
     from sae.train import open_windows, pick_device
     from storage_schemas import UserError
 
+    if save and detect_format(path) != "cocomix":
+        store_metrics(path, {})  # refuses in one line, before the teacher is loaded
     dev = pick_device(device)
     sae = load_sae(path, dev)
     layer = sae.cfg.hook_layer if layer is None else layer
@@ -123,6 +127,8 @@ def eval_(
     check_hook(model, sae.cfg, layer, location)
     m = evaluate_sae(sae, model, store, layer=layer, location=location, split=split, window=window,
                      max_windows=max_windows, batch_windows=batch_windows)
+    if save:
+        store_metrics(path, {**m, "split": split})
     if as_json:
         typer.echo(json.dumps(m, indent=2))
     else:

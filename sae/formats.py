@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from storage_schemas import UserError
+from storage_schemas import UserError, write_json_atomic
 
 from .model import SAEConfig, TopKSAE
 
@@ -156,6 +156,18 @@ def read_meta(path: str | Path) -> dict:
     if detect_format(path) != "cocomix":
         return {}
     return _read_json(path / "cfg.json").get("meta", {})
+
+
+def store_metrics(path: str | Path, metrics: dict) -> None:
+    """Replace the stored eval metrics of one of our checkpoints. Only cfg.json is rewritten (atomically):
+    the weights file is left alone, so label stores made with this SAE keep their fingerprint."""
+    path = _folder(Path(path))
+    if detect_format(path) != "cocomix":
+        raise UserError(f"{path} is a {detect_format(path)} SAE: only cocomix checkpoints store metrics "
+                        "(the figures are printed; keep them with --json)")
+    raw = _read_json(path / "cfg.json")
+    raw.setdefault("meta", {})["metrics"] = metrics
+    write_json_atomic(path / "cfg.json", raw)
 
 
 def _load_cocomix(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:

@@ -2,6 +2,7 @@
 `cocomix sae` command line (refusals: exit code 2, one line, before any heavy work)."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,6 +187,27 @@ def test_cli_info_and_eval(cli, trained, token_store, teacher_dir):
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)  # stderr carries transformers' loading bar
     assert m["tokens"] == 8 * 32 and 0 <= m["fvu"] < 0.3 and m["loss_zero_ablation"] > m["loss_clean"]
+
+
+def test_cli_eval_save_stores_metrics_and_keeps_the_weights(cli, trained, token_store, teacher_dir, tmp_path):
+    cfg, _, _ = trained
+    copy = tmp_path / "sae"
+    shutil.copytree(cfg.out, copy)
+    weights, mtime = (copy / "sae.safetensors").read_bytes(), (copy / "sae.safetensors").stat().st_mtime_ns
+    res = cli("sae", "eval", copy, "--teacher", teacher_dir, "--tokens", token_store, "--max-windows", 4,
+              "--save", "--json")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert read_meta(copy)["metrics"] == {**m, "split": "val"} and m["tokens"] == 4 * 32
+    assert read_meta(copy)["history"] == read_meta(cfg.out)["history"]  # the rest of meta is kept
+    assert (copy / "sae.safetensors").read_bytes() == weights  # label fingerprints hash these bytes
+    assert (copy / "sae.safetensors").stat().st_mtime_ns == mtime  # and make compares this time
+    assert "tokens 128" in cli("sae", "info", copy).output
+    # other formats keep no metrics: refused in one line before the teacher is loaded
+    raw = json.loads((copy / "cfg.json").read_text())
+    (copy / "cfg.json").write_text(json.dumps({**raw, "format": "not-ours"}))
+    one_line_error(cli("sae", "eval", copy, "--teacher", teacher_dir, "--tokens", token_store, "--save"),
+                   "only cocomix checkpoints store metrics")
 
 
 def test_cli_train_end_to_end(cli, token_store, teacher_dir, tmp_path):
