@@ -232,7 +232,20 @@ def load_teacher(name_or_dir: str, device: str | torch.device = "cpu",
         raise UserError(f"cannot load teacher {name_or_dir!r} as a transformers causal LM {where}: "
                         f"{str(e).splitlines()[0][:200]}") from None
     model.requires_grad_(False)
+    _fuse_gelu(model)
     return model.to(device).eval()
+
+
+def _fuse_gelu(model: nn.Module) -> None:
+    """Swap transformers' `gelu_new` (GPT-2 and kin), a chain of Python-level elementwise ops, for torch's
+    tanh GELU: the same formula in one kernel (outputs agree to float rounding), about 8% of an
+    extraction step on CPU. Other activations are left alone."""
+    from transformers.activations import NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(parent, name, nn.GELU(approximate="tanh"))
 
 
 def teacher_config_checks(name_or_dir: str, layer: int, window: int | None = None, location: str | None = None,

@@ -91,7 +91,31 @@ def dense_reference(teacher, sae, win, k):
 def test_kernel_matches_dense_reference(normalize):
     teacher, sae, win, k = tiny_gpt2(), tiny_sae(normalize=normalize), windows(), 4
     out = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=k)
-    ref_ids, ref_scores, dense_attr, _, ref_vals, _ = dense_reference(teacher, sae, win, k)
+    assert_matches_reference(out, dense_reference(teacher, sae, win, k), k)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_kernel_on_the_loaded_teacher_matches_the_reference_on_transformers(tmp_path):
+    """`cocomix extract` runs the teacher as load_teacher returns it (torch's fused tanh GELU in place of
+    transformers' gelu_new); the reference runs transformers' own modules, as the paper's code does."""
+    from transformers.activations import NewGELUActivation
+
+    from sae.hooks import load_teacher
+
+    hf = tiny_gpt2()
+    hf.save_pretrained(tmp_path / "teacher")
+    loaded = load_teacher(str(tmp_path / "teacher"))
+    assert any(isinstance(m, NewGELUActivation) for m in hf.modules())
+    assert not any(isinstance(m, NewGELUActivation) for m in loaded.modules())
+    win, sae, k = windows(), tiny_sae(normalize="layer_norm"), 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=win).logits, hf(input_ids=win).logits)
+    out = attribute(loaded, sae, LAYER, "resid_post_mlp", win, k=k)
+    assert_matches_reference(out, dense_reference(hf, sae, win, k), k)
+
+
+def assert_matches_reference(out, reference, k):
+    ref_ids, ref_scores, dense_attr, _, ref_vals, _ = reference
     ids, scores = out.ids.flatten(0, 1), out.scores.flatten(0, 1)
     assert ids.shape == (3 * 24, k) and ids.dtype == torch.int64 and scores.dtype == torch.float32
     scale = dense_attr.abs().max()
@@ -106,7 +130,6 @@ def test_kernel_matches_dense_reference(normalize):
     # valid: all but the last position of each window (every position has >= k active latents here)
     assert (ref_vals > 0).sum(-1).min() >= k
     assert torch.equal(out.valid, torch.arange(24).expand(3, 24) < 23)
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
 def test_fewer_than_k_active_is_invalid_and_scores_not_clipped():
