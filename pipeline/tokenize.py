@@ -424,6 +424,9 @@ def _check_splits(counts: dict[str, int], cfg: TokenizeConfig) -> None:
     total = counts["train"] + counts["val"]
     if total == 0:
         raise UserError("the corpus is empty: the inputs hold no documents")
+    if counts["train"] == 0 and cfg.train_fraction < 1.0:
+        raise UserError(f"--train-fraction {cfg.train_fraction} keeps none of the train documents "
+                        f"(only {counts['val']} val documents): raise it")
     if counts["train"] == 0 or (cfg.val_fraction > 0 and counts["val"] == 0):
         raise UserError(f"{counts['train']} train and {counts['val']} val documents of {total}: "
                         "one split is empty; change --val-fraction (0 for no val split) or add documents")

@@ -122,6 +122,9 @@ def test_train_fraction_keeps_a_share_of_train_and_all_of_val(tmp_path, tokenize
     bad = cli(*base, "--train-fraction", "0", "--out", tmp_path / "zero")
     assert bad.exit_code == 2 and "--train-fraction 0.0: must be in (0, 1]" in bad.stderr
     assert not (tmp_path / "zero").exists()
+    none = cli(*base, "--train-fraction", "1e-9", "--out", tmp_path / "none")
+    assert none.exit_code == 2 and "--train-fraction 1e-09 keeps none of the train documents" in none.stderr
+    assert not (tmp_path / "none").exists()
 
 
 def test_trained_tokenizer_sees_train_split_only(tmp_path):
