@@ -106,14 +106,14 @@ def eval_(
                               "cfg.json only, the weights are not rewritten)."),
 ) -> None:
     """FVU, mean L0, dead fraction and the teacher's loss increase with the SAE spliced in."""
-    from sae.formats import detect_format, load_sae, read_meta, store_metrics
+    from sae.formats import load_sae, metrics_folder, read_meta, store_metrics
     from sae.hooks import check_hook, load_teacher, teacher_config_checks
     from sae.metrics import evaluate_sae
     from sae.train import open_windows, pick_device
     from storage_schemas import UserError
 
-    if save and detect_format(path) != "cocomix":
-        store_metrics(path, {})  # refuses in one line, before the teacher is loaded
+    if save:
+        metrics_folder(path)  # a format that keeps no metrics is refused before the teacher is loaded
     dev = pick_device(device)
     sae = load_sae(path, dev)
     layer = sae.cfg.hook_layer if layer is None else layer

@@ -158,13 +158,19 @@ def read_meta(path: str | Path) -> dict:
     return _read_json(path / "cfg.json").get("meta", {})
 
 
+def metrics_folder(path: str | Path) -> Path:
+    """The folder of one of our checkpoints, which can store metrics; UserError for other formats."""
+    path = _folder(Path(path))
+    if (fmt := detect_format(path)) != "cocomix":
+        raise UserError(f"{path} is a {fmt} SAE: only cocomix checkpoints store metrics "
+                        "(the figures are printed; keep them with --json)")
+    return path
+
+
 def store_metrics(path: str | Path, metrics: dict) -> None:
     """Replace the stored eval metrics of one of our checkpoints. Only cfg.json is rewritten (atomically):
     the weights file is left alone, so label stores made with this SAE keep their fingerprint."""
-    path = _folder(Path(path))
-    if detect_format(path) != "cocomix":
-        raise UserError(f"{path} is a {detect_format(path)} SAE: only cocomix checkpoints store metrics "
-                        "(the figures are printed; keep them with --json)")
+    path = metrics_folder(path)
     raw = _read_json(path / "cfg.json")
     raw.setdefault("meta", {})["metrics"] = metrics
     write_json_atomic(path / "cfg.json", raw)
