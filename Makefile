@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students teacher sae clean
+.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students study teacher sae clean
 
 setup: $(VENV)/.installed
 
@@ -95,11 +95,23 @@ demo: extract-concepts students
 	$(COCOMIX) compare $(foreach s,$(STUDENTS),$(RUNS)/$(s)) --out $(OUT)/report
 	@echo "report: $(OUT)/report/report.md"
 
+# ---- the study (not part of `make test` or `make demo`): every arm x seed, resumable ----------------------
+# `make study` prints its plan (arms x seeds, tokens, estimated hours) and runs what is not finished yet;
+# kill it and run it again to resume. STUDY_OUT outside the work tree keeps it across fresh checkouts.
+STUDY_OUT    ?= out/study
+STUDY_SEEDS  ?= 3
+STUDY_TOKENS ?= 2760000
+STUDY_ARMS   ?=
+study: setup
+	$(COCOMIX) study --out $(STUDY_OUT) --seeds $(STUDY_SEEDS) --student-tokens $(STUDY_TOKENS) \
+	  --teacher $(TEACHER) --sae $(SAE) --layer $(LAYER) --window $(WINDOW) $(if $(STUDY_ARMS),--arms $(STUDY_ARMS))
+
 # ---- rebuilding the shipped teacher and SAE (not part of `make demo`) -------------------------------------
 BUILD := out/build
 teacher: setup
 	TOKENIZERS_PARALLELISM=true $(COCOMIX) tokenize --input data/corpus --train-tokenizer 8192 --seed 0 --out $(BUILD)/tokens
-	$(COCOMIX) train --preset demo-teacher --tokens $(BUILD)/tokens --out $(BUILD)/teacher-run --max-tokens 2500000 --set threads=1
+	$(COCOMIX) train --preset demo-teacher --tokens $(BUILD)/tokens --out $(BUILD)/teacher-run --max-tokens 8000000 \
+	  --set threads=2 --set eval_windows=339
 	$(COCOMIX) export-hf $(BUILD)/teacher-run --out $(TEACHER) --dtype bfloat16
 
 sae: setup

@@ -8,18 +8,27 @@ One pure function, `attribute`, testable without Ray:
     a, j  = the SAE's top-k_sae active latents of h (layer-normalised first when the SAE says so)
     s_j   = a_j * <g, W_dec[j]>  for the active latents only (a gather of k_sae decoder rows per
             token, never a dense (tokens x latents) product)
-    labels = the k active latents with the largest signed s_j, best first, and their scores.
+    labels = the k active latents with the largest selection key, best first, and that key as their score:
+        signed      s_j    the default, as the official code selects them
+        negated     -s_j
+        absolute    |s_j|
+        activation  a_j    the SAE's own top-k (the gradient is computed and unused: one code path)
 
-Scores are not clipped at 0: a slot whose score is <= 0 (fewer than k active latents helped the
-teacher's prediction there) is kept with its score, and the trainer decides (DESIGN.md step 6).
-Ties between equal scores keep torch.topk's order, which is unspecified; with float scores they
-happen only between latents whose decoder rows are equally aligned with g.
+Since L is the loss, s_j > 0 means latent j's activation raises the teacher's loss to first order and
+s_j < 0 that it lowers it. The stored score is the selection key, so the trainer's rule "train only on
+slots whose score > 0" (concept_positive_only) keeps exactly the slots that have the selected property:
+signed, the latent raises the loss; negated, it lowers the loss; absolute, the loss is sensitive to it
+at all; activation, the latent is active. Scores are not clipped at 0: a slot whose score is <= 0 (fewer
+than k active latents have that property there) is kept with its score, and the trainer decides
+(DESIGN.md step 6). Ties between equal keys keep torch.topk's order, which is unspecified; with float
+scores they happen only between latents whose decoder rows are equally aligned with g (or, for
+activation, equal activations, in the SAE's own order).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +37,28 @@ from torch import Tensor, nn
 from sae import TopKSAE, capture
 
 SCORE_DEFINITION = "a_j*<dL/dh, W_dec_j> over the SAE's active latents; L = sum of next-token CE over positions 0..W-2"
+Selection = Literal["signed", "negated", "absolute", "activation"]
+SELECTIONS: tuple[Selection, ...] = ("signed", "negated", "absolute", "activation")
+# What each selection stores as the score, for the label store's fingerprinted inputs. Signed keeps the
+# string above alone (no "selection" entry), so that stores made before selections existed keep their
+# fingerprint; the others name their key and what a positive score means.
+SCORE_DEFINITIONS: dict[str, str] = {
+    "signed": SCORE_DEFINITION,
+    "negated": "-a_j*<dL/dh, W_dec_j> over the SAE's active latents, > 0 where latent j's activation lowers L to "
+               "first order; L = sum of next-token CE over positions 0..W-2",
+    "absolute": "|a_j*<dL/dh, W_dec_j>| over the SAE's active latents, > 0 where L is sensitive to latent j to "
+                "first order; L = sum of next-token CE over positions 0..W-2",
+    "activation": "a_j, the SAE's activation (its own top-k, no gradient), > 0 where latent j is active",
+}
 GATHER_ELEMENTS = 1 << 24  # rows of W_dec gathered per slice: (rows, k_sae, d) stays near 64 MiB in fp32
 
 
 class Labels(NamedTuple):
     ids: Tensor
-    """(B, W, k) int64 concept ids, highest attribution first."""
+    """(B, W, k) int64 concept ids, largest selection key first."""
     scores: Tensor
-    """(B, W, k) float32 attribution scores (signed, not clipped)."""
+    """(B, W, k) float32 the selection key, not clipped: s (signed), -s (negated), |s| (absolute) or a
+    (activation), where s = a * <dL/dh, W_dec>; > 0 exactly where the slot has the selected property."""
     valid: Tensor
     """(B, W) bool: False at each window's last position and where fewer than k latents are active."""
     sae_ids: Tensor | None = None
@@ -80,17 +103,32 @@ def active_attribution(w_dec: Tensor, indices: Tensor, values: Tensor, g: Tensor
     return values * torch.cat(dots)
 
 
+def select(idx: Tensor, val: Tensor, s: Tensor, k: int, selection: Selection) -> tuple[Tensor, Tensor]:
+    """ids and scores (N, k): the k of the active latents idx (N, k_sae) with the largest selection key.
+
+    val: their activations, sorted largest first (the SAE's top-k); s: their attributions (N, k_sae).
+    """
+    if selection == "activation":  # already in the SAE's order: its own first k, ties as it broke them
+        return idx[:, :k], val[:, :k]
+    key = {"signed": s, "negated": -s, "absolute": s.abs()}[selection]
+    scores, order = key.topk(k, dim=-1)
+    return idx.gather(-1, order), scores
+
+
 @torch.no_grad()
 def attribute(teacher: nn.Module, sae: TopKSAE, layer: int, location: str, windows: Tensor, k: int = 4,
-              sae_k: int | None = None, teacher_k: int | None = None) -> Labels:
+              sae_k: int | None = None, teacher_k: int | None = None, selection: Selection = "signed") -> Labels:
     """Concept labels for a batch of windows (B, W) of token ids on the teacher's device.
 
     k: labels per token (at most the SAE's k). sae_k: also return the SAE's own top-sae_k code.
     teacher_k: also return the teacher's top-teacher_k next-token log-probs, from the same forward.
+    selection: which key picks the k labels among the active latents (module docstring).
     """
     k_sae = sae.cfg.k
     if k > k_sae:
         raise ValueError(f"k={k} labels cannot exceed the SAE's {k_sae} active latents")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: choose one of {', '.join(SELECTIONS)}")
     B, W = windows.shape
     h, g, logits = teacher_grad(teacher, layer, location, windows)
     d = h.shape[-1]
@@ -100,8 +138,7 @@ def attribute(teacher: nn.Module, sae: TopKSAE, layer: int, location: str, windo
     enc = sae.encode(h, k=max(k_sae, sae_k or 0))
     idx, val = enc.indices[:, :k_sae], enc.values[:, :k_sae]  # (N, k_sae)
     s = active_attribution(sae.W_dec, idx, val, g)  # (N, k_sae)
-    scores, order = s.topk(k, dim=-1)  # (N, k), largest signed score first
-    ids = idx.gather(-1, order)
+    ids, scores = select(idx, val, s, k, selection)  # (N, k), best first
     enough = (val > 0).sum(-1) >= k  # (N,)
     valid = enough.reshape(B, W) & (torch.arange(W, device=windows.device) < W - 1)
     out = Labels(ids.reshape(B, W, k), scores.float().reshape(B, W, k), valid)

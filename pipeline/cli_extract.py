@@ -21,6 +21,11 @@ def extract(
     location: str = typer.Option("resid_post_mlp", help="Hook location in the block, or a raw module path."),
     window: int | None = typer.Option(None, help="Window length; default the teacher's context, at most 1024."),
     topk: int = typer.Option(4, help="Concept labels per token."),
+    select: str = typer.Option(
+        "signed", help="Which active latents become labels, with s = a*<dL/dh, W_dec> (s > 0: the latent raises "
+        "the teacher's loss): signed = largest s (the official code's choice), negated = largest -s (lowers the "
+        "loss most), absolute = largest |s|, activation = the SAE's largest activations. The score stored is "
+        "that key; each choice is its own label set."),
     format: str = typer.Option("zarr", help="zarr, parquet or both."),
     codec: str = typer.Option("raw", help="raw (memory-mappable) or zstd."),
     workers: int = typer.Option(1, help="Ray actors (one per GPU, or per share of CPUs)."),
@@ -43,8 +48,8 @@ def extract(
         raise UserError(f"--format must be zarr, parquet or both, not {format!r}")
     cfg = ExtractConfig(
         tokens=tokens, teacher=teacher, sae=sae, layer=layer, out=out, location=location, window=window, k=topk,
-        formats=FORMATS[format], codec=codec, workers=workers, batch_windows=batch_windows, address=address,
-        store_sae_topk=store_sae_topk, teacher_topk=store_teacher_topk, chunk_windows=chunk_windows,
+        selection=select, formats=FORMATS[format], codec=codec, workers=workers, batch_windows=batch_windows,
+        address=address, store_sae_topk=store_sae_topk, teacher_topk=store_teacher_topk, chunk_windows=chunk_windows,
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None, device=device,
         threads=threads, progress=progress)
     try:

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.attribution import SCORE_DEFINITION, attribute
+from pipeline.attribution import SCORE_DEFINITIONS, SELECTIONS, Selection, attribute
 from pipeline.teacher import (
     check_teacher,
     context_length,
@@ -63,6 +63,10 @@ class ExtractConfig:
     """Window length W; None: the teacher's context length, at most 1024."""
     k: int = 4
     """Labels per token."""
+    selection: Selection = "signed"
+    """Which k active latents become labels, and what their score holds (pipeline/attribution.py): signed
+    (largest s = a*<dL/dh, W_dec>, the official code's choice), negated (largest -s), absolute (largest |s|)
+    or activation (the SAE's own top-k). Each is its own label set: non-signed ones enter the fingerprint."""
     formats: tuple[str, ...] = ("zarr",)
     codec: Literal["raw", "zstd"] = "raw"
     workers: int = 1
@@ -97,6 +101,8 @@ class ExtractConfig:
             raise UserError(f"--codec must be raw or zstd, not {self.codec!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.selection not in SELECTIONS:
+            raise UserError(f"--select must be {', '.join(SELECTIONS[:-1])} or {SELECTIONS[-1]}, not {self.selection!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class UnitJob:
     batch_windows: int
     device: str
     threads: int
+    selection: Selection = "signed"
 
 
 class UnitFailed(Exception):
@@ -183,7 +190,7 @@ class ExtractWorker:
                 toks = self.tokens.tokens(split)[start + b * W : start + e * W]
                 win = torch.from_numpy(toks.astype(np.int64)).view(e - b, W).to(self.device)  # (e-b, W)
                 labels = attribute(self.teacher, self.sae, self.job.layer, self.job.location, win, k=spec.k,
-                                   sae_k=spec.sae_k, teacher_k=spec.teacher_k)
+                                   sae_k=spec.sae_k, teacher_k=spec.teacher_k, selection=self.job.selection)
             except Exception as ex:  # anything at all: say where it happened, keep the cause
                 where = _windows(start // W + b, start // W + e - 1)
                 raise UnitFailed(f"{split} unit {unit}, {where}: {_one_line(ex)}") from ex
@@ -255,8 +262,10 @@ def plan(cfg: ExtractConfig, tokens: TokenStore) -> tuple[LabelSpec, dict[str, i
               f"extracting at layer {cfg.layer} {cfg.location}", file=sys.stderr)
     inputs = {"teacher": teacher_identity(src),
               "sae": {"weights_sha256": sae_weights_sha256(sae), "config": asdict(sae.cfg)},
-              "hook": {"layer": cfg.layer, "location": cfg.location}, "score": SCORE_DEFINITION,
+              "hook": {"layer": cfg.layer, "location": cfg.location}, "score": SCORE_DEFINITIONS["signed"],
               "precision": "bf16-autocast" if resolve_device(cfg) == "cuda" else "fp32"}
+    if cfg.selection != "signed":  # signed keeps exactly the inputs (and fingerprint) stores had before selections
+        inputs |= {"score": SCORE_DEFINITIONS[cfg.selection], "selection": cfg.selection}
     spec = LabelSpec(token_fingerprint=tokens.fingerprint, window=window, k=cfg.k, n_latents=sae.cfg.n_latents,
                      inputs=inputs, sae_k=sae.cfg.k if cfg.store_sae_topk else None, teacher_k=cfg.teacher_topk,
                      chunk_windows=cfg.chunk_windows, codec=cfg.codec, formats=tuple(cfg.formats))
@@ -385,7 +394,7 @@ def _start_actors(cfg: ExtractConfig, store: LabelStore, device: str) -> list:
     teacher = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).is_dir() else cfg.teacher  # workers' cwd differs
     job = UnitJob(tokens=str(Path(cfg.tokens).resolve()), out=str(Path(cfg.out).resolve()), teacher=teacher,
                   sae=str(Path(cfg.sae).resolve()), layer=cfg.layer, location=cfg.location,
-                  batch_windows=cfg.batch_windows, device=device, threads=threads)
+                  batch_windows=cfg.batch_windows, device=device, threads=threads, selection=cfg.selection)
     # A dead worker is restarted (teacher and SAE reloaded) and its unit retried: units are idempotent.
     actor = ray.remote(ExtractWorker).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
                                               max_restarts=2, max_task_retries=2)

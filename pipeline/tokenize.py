@@ -210,12 +210,12 @@ def split_of(key: str, seed: int, val_fraction: float, train_fraction: float = 1
     return "train" if train_fraction >= 1.0 or u < val_fraction + train_fraction * (1 - val_fraction) else None
 
 
-def iter_corpus(cfg: TokenizeConfig, sources: list[tuple[Path, str]]) -> Iterator[tuple[str, str]]:
-    """(split, text) for every kept document, in input order."""
-    for path, name in sources:
+def iter_corpus(cfg: TokenizeConfig, sources: list[tuple[Path, str]]) -> Iterator[tuple[tuple[str, int], str]]:
+    """((split, source index), text) for every kept document, in input order."""
+    for src, (path, name) in enumerate(sources):
         for key, text in read_documents(path, name, cfg.invalid_utf8):
             if split := split_of(key, cfg.seed, cfg.val_fraction, cfg.train_fraction):
-                yield split, text
+                yield (split, src), text
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -294,7 +294,8 @@ def _encode_in_worker(args: tuple[list[str], str]) -> list[np.ndarray]:
     return _encode(_WORKER_TOKENIZER, *args)
 
 
-def _batches(docs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:
+def _batches(docs: Iterator[tuple[object, str]], size: int) -> Iterator[tuple[list, list[str]]]:
+    """(tags, texts) per batch of `size` documents; a tag (split and source) travels with its document."""
     splits, texts = [], []
     for split, text in docs:
         splits.append(split)
@@ -384,7 +385,7 @@ def _prepare_tokenizer(cfg: TokenizeConfig, sources, work: Path):
     """(folder of tokenizer files for the store, loaded tokenizer); trains one when asked."""
     tok_dir = work / "tokenizer"
     if cfg.train_vocab is not None:
-        texts = (text for split, text in iter_corpus(cfg, sources) if split == "train")
+        texts = (text for (split, _), text in iter_corpus(cfg, sources) if split == "train")
         train_bpe(texts, cfg.train_vocab, tok_dir)
         return tok_dir, load_tokenizer(str(tok_dir))
     tok = load_tokenizer(cfg.tokenizer)
@@ -402,17 +403,21 @@ def _write_store(cfg: TokenizeConfig, sources, tok, tok_dir: Path, extra: dict) 
     writer = TokenStoreWriter(cfg.out, dtype=dtype, eos_id=tok.eos_token_id, vocab_size=vocab,
                               tokenizer_dir=tok_dir, chunk_tokens=cfg.chunk_tokens)
     counts = {"train": 0, "val": 0}
+    # documents per split per source, in input order: with doc_offsets this says which source (domain)
+    # every token came from, so evaluation can report each domain (TokenStore.token_sources)
+    per_source = {"train": [0] * len(sources), "val": [0] * len(sources)}
     try:
         # disable=None: a bar on a terminal only, so logs and pipes stay clean
         bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=None if cfg.progress else True)
         for splits, ids in encode_corpus(iter_corpus(cfg, sources), tok.backend_tokenizer, cfg, dtype):
-            for split, doc in zip(splits, ids, strict=True):
+            for (split, src), doc in zip(splits, ids, strict=True):
                 writer.add_document(split, doc)
                 counts[split] += 1
+                per_source[split][src] += 1
             bar.update(sum(len(d) + 1 for d in ids))
         bar.close()
         _check_splits(counts, cfg)
-        return writer.finish(extra)
+        return writer.finish(extra | {"source_documents": {k: v for k, v in per_source.items() if counts[k]}})
     except BaseException as e:
         writer.abort()
         if isinstance(e, OSError) and e.filename is None:

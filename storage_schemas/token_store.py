@@ -192,3 +192,23 @@ class TokenStore:
     def doc_offsets(self, split: str) -> np.ndarray:
         self._check_split(split)
         return np.asarray(zarr.open_array(self.path / split / "doc_offsets", mode="r")[:])
+
+    @property
+    def source_names(self) -> list[str]:
+        """A short name per source file, in input order: the file name less its suffix ("austen")."""
+        names = [Path(s["path"]).name for s in self.manifest.get("sources", [])]
+        short = [n.split(".", 1)[0] or n for n in names]
+        return short if len(set(short)) == len(short) else names
+
+    def token_sources(self, split: str) -> np.ndarray | None:
+        """(N,) int: the index in `source_names` of the source every token of the split came from;
+        None for stores written before the manifest counted documents per source."""
+        counts = self.manifest.get("source_documents", {}).get(split)
+        if counts is None:
+            return None
+        offsets = self.doc_offsets(split)
+        if sum(counts) != len(offsets) - 1:
+            raise StoreError(f"{self.path}: the manifest counts {sum(counts)} {split} documents by source, "
+                             f"doc_offsets holds {len(offsets) - 1}")
+        doc_src = np.repeat(np.arange(len(counts)), counts)  # documents are stored in input order
+        return np.repeat(doc_src, np.diff(offsets))

@@ -1,5 +1,6 @@
 """The attribution kernel against a dense reference written here, the way the paper's code computes it:
-full loss.backward() with parameter gradients, dense latents, grad @ W_dec^T, topk."""
+full loss.backward() with parameter gradients, dense latents, grad @ W_dec^T, topk; and each label
+selection against that reference's key, masked to the active latents."""
 
 import copy
 import shutil
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.attribution import active_attribution, attribute
+from pipeline.attribution import SELECTIONS, active_attribution, attribute
 from sae import SAEConfig, TopKSAE, save_sae
 
 LAYER = 1
@@ -175,3 +176,76 @@ def test_gather_is_sliced_without_changing_results(monkeypatch):
 def test_k_larger_than_sae_k_refused():
     with pytest.raises(ValueError, match="cannot exceed"):
         attribute(tiny_gpt2(), tiny_sae(k=3), LAYER, "resid_post_mlp", windows(), k=4)
+
+
+# -- selections ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def case():
+    teacher, sae, win = tiny_gpt2(), tiny_sae(normalize="layer_norm"), windows()
+    return teacher, sae, win, dense_reference(teacher, sae, win, 4)
+
+
+def selection_key(reference, selection):
+    """The selection's key over every latent (N, n_latents), and the mask of the SAE's active set."""
+    _, _, dense_attr, idx, vals, _ = reference
+    active = torch.zeros_like(dense_attr, dtype=torch.bool).scatter(-1, idx, True)
+    latents = torch.zeros_like(dense_attr).scatter(-1, idx, vals)  # (N, n_latents) dense activations
+    key = {"signed": dense_attr, "negated": -dense_attr, "absolute": dense_attr.abs(), "activation": latents}
+    return key[selection], active
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_each_selection_matches_dense_reference(case, selection):
+    teacher, sae, win, reference = case
+    k = 4
+    key, active = selection_key(reference, selection)
+    top, ref_ids = key.masked_fill(~active, -torch.inf).topk(k + 1, dim=-1)  # k_sae = 8 > k: all finite
+    out = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=k, selection=selection)
+    ids, scores = out.ids.flatten(0, 1), out.scores.flatten(0, 1)
+    scale = key.abs().max()
+    # everywhere: the labels are active latents and each score is the reference key of its latent
+    assert active.gather(-1, ids).all()
+    torch.testing.assert_close(scores, key.gather(-1, ids), rtol=1e-4, atol=1e-5 * scale)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    # where the reference's top k+1 are clearly ordered (not at a window's last position, where g = 0
+    # makes every attribution 0), the same latents in the same order
+    comparable = (top[:, :-1] - top[:, 1:]).min(-1).values > 1e-4 * scale
+    assert comparable.float().mean() > 0.5
+    assert torch.equal(ids[comparable], ref_ids[comparable, :k])
+    torch.testing.assert_close(scores[comparable], top[comparable, :k], rtol=1e-4, atol=1e-5 * scale)
+    # the trainer's "score > 0" then means the slot has the selection's property
+    s = reference[2].gather(-1, ids)  # the latents' signed attributions
+    prop = {"signed": s > 0, "negated": s < 0, "absolute": s != 0, "activation": key.gather(-1, ids) > 0}
+    assert torch.equal(scores > 0, prop[selection])
+    assert torch.equal(out.valid, torch.arange(24).expand(3, 24) < 23)  # valid does not depend on it
+
+
+def test_signed_is_the_default_and_negated_reverses_it_when_k_is_the_sae_k():
+    """With k = k_sae both rank all the active latents, by s and by -s: the same latents, reversed.
+    (With k < k_sae they differ: negated picks from the other end.)"""
+    teacher, sae, win = tiny_gpt2(), tiny_sae(k=4, normalize="layer_norm"), windows()
+    default = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=4, sae_k=6, teacher_k=3)
+    signed = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=4, sae_k=6, teacher_k=3, selection="signed")
+    assert all(torch.equal(a, b) for a, b in zip(default, signed, strict=True))
+    negated = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=4, selection="negated")
+    assert signed.valid[:, :-1].all()  # all four active everywhere, so no zero attributions tie
+    body = (slice(None), slice(None, -1))  # g = 0 at a window's last position: every s ties at 0 there
+    assert torch.equal(negated.ids[body], signed.ids[body].flip(-1))
+    torch.testing.assert_close(negated.scores[body], -signed.scores[body].flip(-1))
+    assert (signed.scores[body] > 0).any() and (negated.scores[body] > 0).any()
+
+
+def test_activation_selection_is_the_sae_top_k(case):
+    teacher, sae, win, reference = case
+    out = attribute(teacher, sae, LAYER, "resid_post_mlp", win, k=4, sae_k=8, selection="activation")
+    assert torch.equal(out.ids, out.sae_ids[..., :4]) and torch.equal(out.scores, out.sae_vals[..., :4])
+    _, _, _, ref_idx, ref_vals, _ = reference  # the encoder written out above, on the reference's h
+    assert torch.equal(out.ids.flatten(0, 1), ref_idx[:, :4])
+    torch.testing.assert_close(out.scores.flatten(0, 1), ref_vals[:, :4])
+
+
+def test_unknown_selection_refused():
+    with pytest.raises(ValueError, match="choose one of signed, negated, absolute, activation"):
+        attribute(tiny_gpt2(), tiny_sae(), LAYER, "resid_post_mlp", windows(), selection="largest")

@@ -1,5 +1,6 @@
 """The Ray extraction job end to end: store complete and valid, equal to the kernel, idempotent rerun,
-byte-identical resume, the lock, a failing unit isolated, and KD arrays that leave the labels alone."""
+byte-identical resume, the lock, a failing unit isolated, KD arrays that leave the labels alone, and
+label selections that are each their own label set."""
 
 import fcntl
 import os
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 from test_attribution import save_teacher, save_tiny_sae, tiny_gpt2, tiny_sae
-from test_extract_checks import WINDOW, base_args, cli, make_token_store
+from test_extract_checks import WINDOW, base_args, cli, make_token_store, refused
 
-from pipeline.attribution import attribute
+from pipeline.attribution import SELECTIONS, attribute
+from pipeline.extract import ExtractConfig, plan
 from storage_schemas import LabelStore, TokenStore, validate_store
 
 pytestmark = pytest.mark.slow
@@ -159,3 +161,61 @@ def test_worker_killed_mid_unit_is_retried_with_same_bytes(job):
     assert ray.get(actor.__ray_call__.remote(lambda self: os.getpid())) != first_pid  # really a new process
     assert store.is_complete("train", 0) and chunk_bytes(out) == expect
     ray.kill(actor)
+
+
+# -- label selections -----------------------------------------------------------------------------
+
+SIGNED_SCORE = ("a_j*<dL/dh, W_dec_j> over the SAE's active latents; "
+                "L = sum of next-token CE over positions 0..W-2")  # what every store made before --select hashes
+
+
+def planned(root: Path, selection: str | None, **over):
+    sel = {} if selection is None else {"selection": selection}
+    cfg = ExtractConfig(tokens=root / "tokens", teacher=str(root / "teacher"), sae=root / "sae", layer=1,
+                        out=root / "unused", window=WINDOW, **sel, **over)
+    return plan(cfg, TokenStore.open(root / "tokens"))[0]
+
+
+def test_each_selection_is_its_own_label_set(job):
+    kd = {"store_sae_topk": True, "teacher_topk": 5}  # the job's options (chunking and formats are not hashed)
+    specs = {s: planned(job, s, **kd) for s in SELECTIONS}
+    assert len({spec.fingerprint for spec in specs.values()}) == 4
+    # signed is the default extraction's label set, hashed from exactly the inputs it had before --select
+    assert specs["signed"].fingerprint == LabelStore.open(job / "labels").fingerprint
+    assert specs["signed"] == planned(job, None, **kd)
+    assert set(specs["signed"].inputs) == {"teacher", "sae", "hook", "score", "precision"}
+    assert specs["signed"].inputs["score"] == SIGNED_SCORE
+    for s in ("negated", "absolute", "activation"):
+        assert specs[s].inputs["selection"] == s and specs[s].inputs["score"] != SIGNED_SCORE
+        assert {k: v for k, v in specs[s].inputs.items() if k not in ("selection", "score")} == \
+            {k: v for k, v in specs["signed"].inputs.items() if k != "score"}
+    assert specs["negated"].inputs["score"].startswith("-a_j*<dL/dh, W_dec_j>")
+
+
+def test_negated_extraction_stores_the_kernels_negated_labels(job):
+    """--select reaches the Ray workers: the store holds attribute(selection="negated"), under its own
+    fingerprint, recorded in the manifest's inputs (which `cocomix shards info` prints)."""
+    out = job / "negated"
+    r = cli(*base_args(job, **{"--out": out, "--select": "negated", "--splits": "val", **RUN}))
+    assert r.exit_code == 0, r.output
+    store = LabelStore.open(out)
+    assert store.fingerprint == planned(job, "negated", splits=("val",)).fingerprint
+    assert store.spec.inputs["selection"] == "negated"
+    from sae import load_sae
+
+    tokens, n_win = TokenStore.open(job / "tokens"), TokenStore.open(job / "tokens").num_windows("val", WINDOW)
+    win = torch.from_numpy(tokens.tokens("val")[: n_win * WINDOW].astype(np.int64)).view(n_win, WINDOW)
+    ref = attribute(tiny_gpt2(), load_sae(job / "sae"), 1, "resid_post_mlp", win, selection="negated")
+    signed = attribute(tiny_gpt2(), load_sae(job / "sae"), 1, "resid_post_mlp", win)
+    rows = n_win * WINDOW
+    assert np.array_equal(store.array("val", "ids")[:rows], ref.ids.flatten(0, 1).numpy())
+    assert not np.array_equal(store.array("val", "ids")[:rows], signed.ids.flatten(0, 1).numpy())
+    scores = ref.scores.flatten(0, 1).numpy()  # a worker's one thread sums in another order than this process
+    np.testing.assert_allclose(store.array("val", "scores")[:rows].astype(np.float32), scores, rtol=1e-3,
+                               atol=1e-5 * np.abs(scores).max())
+    assert np.array_equal(store.array("val", "valid")[:rows], ref.valid.flatten().numpy())
+
+
+def test_bad_select_refused(tmp_path):
+    msg = refused(tmp_path, **{"--select": "largest"})
+    assert msg == "error: --select must be signed, negated, absolute or activation, not 'largest'"

@@ -224,3 +224,43 @@ def test_forward_traces_as_one_graph(mode):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     kw = dict(concept_ids=ids, concept_mask=mask) if mode == "cocomix" else {}
     assert_close(compiled(idx, idx, **kw).loss, model(idx, idx, **kw).loss)
+
+
+def test_prediction_without_mixing_is_the_ntp_network_plus_a_concept_loss():
+    """concept_mix=False (the paper's 'prediction only' ablation): the forward is exactly the NTP network's,
+    and the concept loss reads the layer-normalised state before insert_layer and trains only the layers
+    below it."""
+    idx, ids, mask = _batch()
+    targets = torch.roll(idx, -1, 1)
+    model = _model(concept_mix=False)
+    assert not hasattr(model.concept, "comp_weight")  # nothing to compress: no parameters for it
+    ntp = GPT(GPTConfig(**{**CFG, "n_concepts": 0}, mode="ntp")).eval()
+    ntp.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("concept.")})
+    out = model(idx, targets, concept_ids=ids, concept_mask=mask)
+    assert_close(out.logits, ntp(idx).logits)
+    seen = {}
+    model.transformer.h[CFG["insert_layer"]].register_forward_pre_hook(lambda m, a: seen.setdefault("h", a[0]))
+    model(idx)
+    h = seen["h"]
+    mu, std = h.mean(-1, keepdim=True), h.std(-1, keepdim=True)
+    z = model.concept.head((h - mu) / (std + 1e-5) - model.concept.pre_bias)
+    assert_close(out.aux_loss, _reference_concept_loss(z, ids, mask))
+    assert_close(out.loss, out.ntp_loss + 0.1 * out.aux_loss)
+    model.zero_grad()
+    out.aux_loss.backward()
+    below = model.transformer.h[0].mlp.c_fc.weight.grad
+    above = model.transformer.h[CFG["insert_layer"]].mlp.c_fc.weight.grad
+    assert below is not None and below.abs().sum() > 0 and (above is None or above.abs().sum() == 0)
+
+
+def test_mixing_without_prediction_trains_the_head_through_the_mix_only():
+    """concept_lambda=0 (the paper's 'mixing only' ablation): the loss is the NTP loss, and the concept head
+    still learns, through the TopK values it contributes to the interleaved vector."""
+    idx, ids, mask = _batch()
+    targets = torch.roll(idx, -1, 1)
+    model = _model(concept_lambda=0.0)
+    out = model(idx, targets, concept_ids=ids, concept_mask=mask)
+    assert out.loss.item() == out.ntp_loss.item() and out.aux_loss.item() > 0
+    out.loss.backward()
+    assert model.concept.head.weight.grad.abs().sum() > 0
+    assert model.concept.comp_weight.grad.abs().sum() > 0

@@ -56,7 +56,8 @@ def test_round_trip_matches_direct_encode(tmp_path, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = TokenizeConfig(inputs=(tmp_path / "corpus",), out=tmp_path / "unused", tokenizer=str(tokenizer_dir),
                          val_fraction=0.3)
-    splits = [s for s, _ in iter_corpus(cfg, find_sources(cfg.inputs))]
+    tags = [tag for tag, _ in iter_corpus(cfg, find_sources(cfg.inputs))]
+    splits = [s for s, _ in tags]
     assert ts.dtype == np.uint16 and ts.eos_id == tok.eos_token_id and ts.vocab_size == len(tok)
     for split in ("train", "val"):
         docs, eos_after_each = store_docs(ts, split)
@@ -66,6 +67,13 @@ def test_round_trip_matches_direct_encode(tmp_path, tokenizer_dir):
         assert all(np.array_equal(d, e) for d, e in zip(docs, expect, strict=True))
     assert [s["path"].rsplit("/", 1)[1] for s in ts.manifest["sources"]] == ["a.txt", "b.jsonl", "c.jsonl.gz",
                                                                              "d.parquet"]
+    # every token knows its source file (the corpus's domains, for per-domain evaluation)
+    assert ts.source_names == ["a", "b", "c", "d"]
+    for split in ("train", "val"):
+        off, src = ts.doc_offsets(split), ts.token_sources(split)
+        assert len(src) == ts.num_tokens(split)
+        want = [f for s, f in tags if s == split]
+        assert [set(src[a:b].tolist()) for a, b in zip(off[:-1], off[1:], strict=True)] == [{f} for f in want]
     again = cli("tokenize", "--input", tmp_path / "corpus", "--tokenizer", tokenizer_dir, "--out",
                 tmp_path / "ts", "--val-fraction", "0.3", "--chunk-tokens", "64")
     assert again.exit_code == 0 and "up to date" in again.stderr

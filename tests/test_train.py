@@ -44,7 +44,7 @@ def test_short_ntp_run_learns_and_writes_its_run_folder(stores, tmp_path):
     assert [x["step"] for x in r if x["val_loss"] is not None] == [0, 20, 40]
     assert vals[-1] < vals[0] - 1.0  # from ~ln(300) = 5.7 down, on real repeated text
     assert set(r[-1]) == {"step", "tokens", "lr", "train_loss", "ntp_loss", "aux_loss", "val_loss", "val_ppl",
-                          "tokens_per_s", "elapsed"}
+                          "val_sources", "tokens_per_s", "elapsed"}
     assert r[-1]["tokens"] == 40 * 128 and r[-1]["aux_loss"] is None and r[-1]["tokens_per_s"] > 0
     run = json.loads((out / "run.json").read_text())
     assert run["final_val_loss"] == vals[-1] and run["token_fingerprint"] == stores[1].fingerprint

@@ -55,7 +55,7 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoint folder, or a run folder (its latest checkpoint)"),
     tokens: Path = typer.Option(..., "--tokens", help="token store to evaluate on"),
     split: str = typer.Option("val", "--split"),
-    max_windows: int | None = typer.Option(None, "--max-windows", help="evaluate the first N windows only"),
+    max_windows: int | None = typer.Option(None, "--max-windows", help="evaluate N windows spread evenly over the split (as training's evals do)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -69,6 +69,8 @@ def eval_cmd(
     else:
         typer.echo(f"{r['split']} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  "
                    f"({r['windows']} windows, {r['predicted_tokens']:,} tokens; {r['checkpoint']})")
+        for name, loss in (r["sources"] or {}).items():
+            typer.echo(f"  {name}: loss {loss:.4f}")
 
 
 @app.command("export-hf")

@@ -52,9 +52,13 @@ class TrainConfig:
     k_concept: int = 32
     """TopK of the concept logits kept for compression (paper: 32)."""
     concept_lambda: float = 0.1
-    """Weight of the concept loss (paper: 0.1)."""
+    """Weight of the concept loss (paper: 0.1); 0 mixes without concept prediction (a paper ablation)."""
+    concept_mix: bool = True
+    """Interleave the compressed concepts (cocomix); false trains concept prediction without mixing
+    (the paper's other ablation)."""
     concept_positive_only: bool = True
-    """Train only on label slots with a positive attribution score (DESIGN.md, Concept labels, step 6)."""
+    """Train only on label slots with a positive score (DESIGN.md, Concept labels, step 6). The score is
+    the label selection's key: for the default signed attribution, a latent that raises the teacher's loss."""
     kd_alpha: float = 0.5
     """kd: loss = (1 - kd_alpha) * NTP + kd_alpha * T^2 * KL(teacher || student)."""
     kd_temperature: float = 1.0
@@ -81,7 +85,8 @@ class TrainConfig:
     eval_interval: int = 100
     """Validation loss every this many steps (and at the start and the end)."""
     eval_windows: int = 64
-    """Validation windows per eval (the first ones of the split, the same every time); 0 disables eval."""
+    """Validation windows per eval, spread evenly over the split (the same every time; all of them when
+    this is at least the split's window count); 0 disables eval."""
     log_interval: int = 10
     """Steps between metrics lines (the only host syncs of the loop)."""
     ckpt_interval: int = 500
@@ -139,7 +144,8 @@ class TrainConfig:
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
                          mode=self.mode, n_concepts=self.n_concepts if self.mode == "cocomix" else 0,
                          insert_layer=self.insert_layer, k_concept=self.k_concept,
-                         concept_lambda=self.concept_lambda, kd_alpha=self.kd_alpha,
+                         concept_lambda=self.concept_lambda, concept_mix=self.concept_mix,
+                         kd_alpha=self.kd_alpha,
                          kd_temperature=self.kd_temperature)
 
     def to_json(self) -> dict:

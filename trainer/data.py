@@ -83,9 +83,12 @@ class WindowData:
     """Batches of windows of one split: tokens, next-token targets and (cocomix / kd) aligned labels."""
 
     def __init__(self, tokens: TokenStore, split: str, window: int, labels: LabelStore | None = None,
-                 mode: str = "ntp", positive_only: bool = True):
+                 mode: str = "ntp", positive_only: bool = True, by_source: bool = False):
         self.split, self.W, self.mode, self.positive_only = split, window, mode, positive_only
         self.tokens = tokens.tokens(split)
+        # evaluation reports each source (domain) of the corpus: the source of every token, when known
+        self.sources = tokens.token_sources(split) if by_source else None
+        self.source_names = tokens.source_names if self.sources is not None else []
         self.n_tokens = len(self.tokens)
         self.n_windows = self.n_tokens // window
         self._tok = WindowReader(self.tokens, window)
@@ -104,6 +107,9 @@ class WindowData:
         inside = nxt_pos < self.n_tokens
         nxt[inside] = take_rows(self.tokens, nxt_pos[inside])
         out = {"idx": idx, "targets": np.concatenate([idx[:, 1:], nxt[:, None]], axis=1)}
+        if self.sources is not None:  # the source of each target token (the last target's may be past the end)
+            pos = np.minimum(windows[:, None] * self.W + np.arange(1, self.W + 1), self.n_tokens - 1)
+            out["target_sources"] = self.sources[pos].astype(np.int64)
         if "ids" in self._labels:
             valid = self._labels["valid"](windows)[:, :, None]  # (B, W, 1)
             scores = self._labels["scores"](windows)

@@ -5,6 +5,8 @@ Modes (GPTConfig.mode):
 - cocomix: before block `insert_layer`, predict concepts from the layer-normalised hidden state,
            compress the TopK of them into one vector per token and interleave it after the token
            (length 2T); the next token is predicted from the concept slots (DESIGN.md, Student).
+           Ablations: concept_lambda = 0 mixes without the concept loss; concept_mix = False trains the
+           concept loss without mixing (the sequence stays T long, predicted from the token slots).
 - pause:   a learned pause vector plus the position embedding of the token it follows, interleaved
            at the input; the next token is predicted from the pause slots.
 - kd:      the ntp network trained with (1 - alpha) * NTP + alpha * T^2 * KL to the teacher top-K.
@@ -50,7 +52,10 @@ class GPTConfig:
     k_concept: int = 32
     """TopK of the concept logits kept for compression (paper: 32)."""
     concept_lambda: float = 0.1
-    """Weight of the concept loss (paper: 0.1)."""
+    """Weight of the concept loss (paper: 0.1); 0 is the paper's "mixing without prediction" ablation."""
+    concept_mix: bool = True
+    """Interleave the compressed concepts; False is the paper's "prediction without mixing" ablation: the
+    concept loss trains the hidden state at insert_layer, and nothing is inserted into the sequence."""
     kd_alpha: float = 0.5
     """kd: loss = (1 - kd_alpha) * NTP + kd_alpha * T^2 * KL."""
     kd_temperature: float = 1.0
@@ -191,12 +196,13 @@ class ConceptMixer(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.k = cfg.k_concept
+        self.k, self.mix = cfg.k_concept, cfg.concept_mix
         self.pre_bias = nn.Parameter(torch.zeros(cfg.n_embd))  # (d,)
         self.head = nn.Linear(cfg.n_embd, cfg.n_concepts)  # d -> C
-        # stored (C, d) so compression is a row gather over the k active concepts
-        self.comp_weight = nn.Parameter(torch.empty(cfg.n_concepts, cfg.n_embd))
-        self.comp_bias = nn.Parameter(torch.zeros(cfg.n_embd))
+        if self.mix:  # without mixing there is nothing to compress, and no parameters for it
+            # stored (C, d) so compression is a row gather over the k active concepts
+            self.comp_weight = nn.Parameter(torch.empty(cfg.n_concepts, cfg.n_embd))
+            self.comp_bias = nn.Parameter(torch.zeros(cfg.n_embd))
 
     def logits(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (B, T, d) -> z (B, T, C), mu, std (B, T, 1)."""
@@ -214,9 +220,12 @@ class ConceptMixer(nn.Module):
         return c.view(B, T, -1) + self.comp_bias
 
     def forward(self, h: Tensor, steer: Steering | None) -> tuple[Tensor, Tensor, Tensor]:
-        """h (B, T, d) -> mixed (B, 2T, d), raw logits z (B, T, C) for the loss, steered logits."""
+        """h (B, T, d) -> mixed (B, 2T, d), raw logits z (B, T, C) for the loss, steered logits.
+        Without mixing, h comes back unchanged (B, T, d)."""
         z, mu, std = self.logits(h)
         z_used = steer.apply(z) if steer is not None else z
+        if not self.mix:
+            return h, z, z_used
         vals, idx = z_used.topk(self.k, dim=-1)  # (B, T, k): the TopK keeps values, zeroes the rest
         c = (self.compress(vals, idx) + self.pre_bias) * std + mu  # back to h's scale
         return interleave(h, c.to(h.dtype)), z, z_used
@@ -244,7 +253,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if self.pause is not None:
             nn.init.normal_(self.pause, mean=0.0, std=0.02)
-        if self.concept is not None:
+        if self.concept is not None and cfg.concept_mix:
             nn.init.normal_(self.concept.comp_weight, mean=0.0, std=0.02)
 
     @staticmethod
@@ -280,7 +289,7 @@ class GPT(nn.Module):
             if self.concept is not None and i == self.cfg.insert_layer:
                 h, z, z_used = self.concept(h, steer)  # (B, 2T, d)
             h = block(h)
-        if self.concept is not None or self.pause is not None:
+        if self.pause is not None or (self.concept is not None and self.cfg.concept_mix):
             h = h[:, 1::2]  # predict the next token from the concept / pause slots
         logits = self.lm_head(tr.ln_f(h))  # (B, T, V)
         labels = (concept_ids, concept_mask, teacher_ids, teacher_logprobs)

@@ -1,22 +1,29 @@
-"""`cocomix compare`: validation-loss curves and the sample-efficiency figure across runs.
+"""`cocomix compare`: final losses over seeds, paired differences against the NTP baselines, sample efficiency.
 
-Runs are grouped by folder name without a seed suffix (`cocomix-seed0`, `cocomix-seed1`); each group shows the mean
-and spread of its final validation loss, because single-seed differences of a few hundredths of a nat are
-within noise at demo scale. The paper's sample-efficiency figure: the tokens CoCoMix needed to reach the
-NTP baseline's final validation loss, as a percentage of the tokens NTP trained on.
+Runs are grouped by folder name without a seed suffix (`cocomix-seed0`, `cocomix-seed1`: one arm). Differences of
+a few hundredths of a nat are within seed noise at demo scale, so every arm is compared with each NTP baseline
+seed by seed (arm seed s against baseline seed s, which saw the same data order and initialisation seed), with a
+95% t confidence interval on the mean paired difference; a CI that contains 0 is reported as "inside noise".
+The paper's sample-efficiency figure is computed per seed pair too: the tokens the arm's curve needed to reach
+the baseline's final validation loss, as a percentage of the tokens the baseline trained on.
+Where the metrics carry `val_sources` (loss per corpus source), each source gets its own columns and panel.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from storage_schemas import UserError
+from storage_schemas import UserError, write_json_atomic
+
+CONFIDENCE = 0.95
+BAND = "band: min..max over seeds"
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,9 @@ class Run:
     path: Path
     info: dict
     tokens: np.ndarray  # (E,) training tokens at each eval
-    val_loss: np.ndarray  # (E,)
+    val_loss: np.ndarray  # (E,) loss over all evaluated validation tokens
+    sources: dict[str, np.ndarray]  # source -> (E,) its loss at each eval, NaN where that eval did not report it
+    final_sources: dict[str, float]  # source -> final loss ({} for runs logged before sources existed)
 
     @property
     def mode(self) -> str:
@@ -33,6 +42,29 @@ class Run:
     @property
     def params(self) -> int:
         return int(self.info.get("n_params", 0))
+
+    @property
+    def seed(self) -> int | None:
+        """run.json's seed; the folder's `-seedN` suffix for runs that predate it."""
+        if self.info.get("seed") is not None:
+            return int(self.info["seed"])
+        m = re.search(r"seed(\d+)$", self.path.name)
+        return int(m.group(1)) if m else None
+
+    def curve(self, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, loss) of the total (source None) or of one source, at the evals that reported it."""
+        if source is None:
+            return self.tokens, self.val_loss
+        loss = self.sources.get(source, np.full(len(self.tokens), np.nan))
+        keep = ~np.isnan(loss)
+        return self.tokens[keep], loss[keep]
+
+    def final(self, source: str | None = None) -> float | None:
+        return float(self.val_loss[-1]) if source is None else self.final_sources.get(source)
+
+
+def clean_sources(d: dict | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (d or {}).items() if v is not None and not math.isnan(v)}
 
 
 def load_run(path: Path) -> Run:
@@ -44,22 +76,133 @@ def load_run(path: Path) -> Run:
     evals = [r for r in rows if r.get("val_loss") is not None]
     if not evals:
         raise UserError(f"{metrics} has no validation evaluations yet")
-    return Run(path, json.loads(info_file.read_text()), np.array([r["tokens"] for r in evals], float),
-               np.array([r["val_loss"] for r in evals], float))
+    info = json.loads(info_file.read_text())
+    per_eval = [clean_sources(r.get("val_sources")) for r in evals]
+    names = sorted({s for d in per_eval for s in d})
+    sources = {s: np.array([d.get(s, np.nan) for d in per_eval]) for s in names}
+    # The last eval row is what the total's final loss comes from, so its sources are the matching finals;
+    # run.json's copy only fills in when the metrics lack them.
+    final = per_eval[-1] or clean_sources(info.get("final_val_sources"))
+    return Run(path, info, np.array([r["tokens"] for r in evals], float),
+               np.array([r["val_loss"] for r in evals], float), sources, final)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Group runs by folder name without a trailing seed (`cocomix-seed1` -> `cocomix`): the seeds of one setup."""
+    """Group runs by folder name without a trailing seed (`cocomix-seed1` -> `cocomix`): the seeds of one setup.
+
+    Two runs of one group with the same seed would make the seed pairing ambiguous, so that is refused."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(re.sub(r"[-_]?seed\d+$", "", r.path.name) or r.mode, []).append(r)
+    for name, members in groups.items():
+        seen: dict[int, Path] = {}
+        for r in members:
+            if r.seed is not None and r.seed in seen:
+                raise UserError(f"runs {seen[r.seed]} and {r.path} of group `{name}` both have seed {r.seed}: "
+                                f"pass one run folder per seed")
+            seen[r.seed] = r.path
     return groups
 
 
-def mean_curve(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean validation loss over seeds on the first run's eval grid (runs of a group share a schedule)."""
-    grid = runs[0].tokens
-    return grid, np.mean([np.interp(grid, r.tokens, r.val_loss) for r in runs], axis=0)
+def source_names(groups: dict[str, list[Run]]) -> list[str]:
+    return sorted({s for runs in groups.values() for r in runs for s in r.final_sources})
+
+
+def baselines(groups: dict[str, list[Run]]) -> list[str]:
+    """Every NTP group is a baseline: the same-width one and the one widened to CoCoMix's parameter count."""
+    return [name for name, runs in groups.items() if runs[0].mode == "ntp"]
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; None below two values)."""
+    if not values:
+        return None, None
+    a = np.asarray(values, float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
+
+
+# --- Student t quantile (no scipy): P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2), solved for t by bisection.
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function, modified Lentz (Numerical Recipes 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0 or x >= 1.0:
+        return float(x >= 1.0)
+    if x > (a + 1) / (a + b + 2):  # the continued fraction converges fast only below this point
+        return 1.0 - betainc(b, a, 1.0 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    return math.exp(log_front) * _beta_cf(a, b, x) / a
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| > t) for Student's t with df degrees of freedom."""
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t_critical(df: float, confidence: float = CONFIDENCE) -> float:
+    """t such that P(|T| <= t) = confidence: the multiplier of sd/sqrt(n) in a two-sided t interval."""
+    alpha, lo, hi = 1.0 - confidence, 0.0, 1.0
+    while t_two_sided_p(hi, df) > alpha:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > alpha else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(arm: dict[int, float], base: dict[int, float]) -> dict:
+    """Mean of arm - baseline over the seeds both ran, with a t CI (negative = arm better).
+
+    verdict: "better" / "worse" when the CI excludes 0, "inside noise" when it contains it, "no CI" below 2 pairs."""
+    seeds = sorted(set(arm) & set(base))
+    diffs = [arm[s] - base[s] for s in seeds]
+    mean, sd = mean_std(diffs)
+    out = {"n": len(seeds), "seeds": seeds, "diffs": diffs, "mean": mean, "sd": sd,
+           "t": None, "ci_low": None, "ci_high": None, "verdict": "no CI" if seeds else "no shared seed"}
+    if len(seeds) >= 2:
+        t = t_critical(len(seeds) - 1)
+        half = t * sd / math.sqrt(len(seeds))
+        lo, hi = mean - half, mean + half
+        verdict = "better" if hi < 0 else "worse" if lo > 0 else "inside noise"
+        out.update(t=t, ci_low=lo, ci_high=hi, verdict=verdict)
+    return out
+
+
+def finals_by_seed(runs: list[Run], source: str | None = None) -> dict[int, float]:
+    return {r.seed: r.final(source) for r in runs if r.seed is not None and r.final(source) is not None}
+
+
+def paired_differences(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
+    """{baseline: {arm: {"total": difference, "sources": {source: difference}}}} for every non-NTP arm."""
+    names = source_names(groups)
+    out = {}
+    for base in baselines(groups):
+        out[base] = {}
+        for arm, runs in groups.items():
+            if runs[0].mode == "ntp":
+                continue
+            total = paired_difference(finals_by_seed(runs), finals_by_seed(groups[base]))
+            per = {s: paired_difference(finals_by_seed(runs, s), finals_by_seed(groups[base], s)) for s in names}
+            out[base][arm] = {"total": total, "sources": {s: d for s, d in per.items() if d["n"]}}
+    return out
 
 
 def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> float | None:
@@ -74,70 +217,184 @@ def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> floa
     return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
 
 
+def reach_by_seed(arm: list[Run], base: list[Run]) -> dict:
+    """Per seed pair: tokens the arm's curve needed to reach the baseline's final val loss, as % of its tokens."""
+    bases = {r.seed: r for r in base if r.seed is not None}
+    pairs = []
+    for r in sorted((r for r in arm if r.seed in bases), key=lambda r: r.seed):
+        b = bases[r.seed]
+        reached = tokens_to_reach(r.tokens, r.val_loss, b.final())
+        pairs.append({"seed": r.seed, "target": b.final(), "baseline_tokens": float(b.tokens[-1]), "tokens": reached,
+                      "pct": None if reached is None else 100.0 * reached / b.tokens[-1]})
+    mean, std = mean_std([p["pct"] for p in pairs if p["pct"] is not None])
+    return {"n": len(pairs), "reached": sum(p["pct"] is not None for p in pairs), "mean_pct": mean,
+            "std_pct": std, "pairs": pairs}
+
+
+def sample_efficiency(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
+    """{baseline: {arm: reach_by_seed}} for every non-NTP arm."""
+    return {base: {arm: reach_by_seed(runs, groups[base]) for arm, runs in groups.items() if runs[0].mode != "ntp"}
+            for base in baselines(groups)}
+
+
 def summarize(groups: dict[str, list[Run]]) -> list[dict]:
+    """One row per group: final validation loss (total and per source) as mean and sample std over seeds."""
     rows = []
     for name, runs in groups.items():
-        finals = np.array([r.val_loss[-1] for r in runs])
-        rows.append({"run": name, "mode": runs[0].mode, "seeds": len(runs), "params": runs[0].params,
-                     "tokens": int(runs[0].tokens[-1]), "val_loss": float(finals.mean()),
+        finals = np.array([r.final() for r in runs])
+        per_source = {}
+        for s in source_names(groups):
+            values = [r.final(s) for r in runs if r.final(s) is not None]
+            if values:
+                mean, std = mean_std(values)
+                per_source[s] = {"mean": mean, "std": std, "n": len(values)}
+        speeds = [r.info["tokens_per_s"] for r in runs if r.info.get("tokens_per_s") is not None]
+        rows.append({"run": name, "mode": runs[0].mode, "seeds": len(runs), "seed_list": [r.seed for r in runs],
+                     "params": runs[0].params, "tokens": int(runs[0].tokens[-1]), "val_loss": float(finals.mean()),
                      "val_loss_std": float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
-                     "val_ppl": float(np.mean(np.exp(finals))),
-                     "tokens_per_s": float(np.mean([r.info.get("tokens_per_s", math.nan) for r in runs])),
+                     "val_ppl": float(np.mean(np.exp(finals))), "sources": per_source,
+                     "tokens_per_s": float(np.mean(speeds)) if speeds else None,
                      "label_fingerprint": runs[0].info.get("label_fingerprint")})
     return rows
 
 
-def sample_efficiency(groups: dict[str, list[Run]]) -> dict[str, dict[str, float | None]]:
-    """{ntp group: {other group: % of that NTP run's tokens needed to reach its final val loss}}.
-
-    Every NTP group is a baseline: the same-width one and the one widened to CoCoMix's parameter count.
-    """
-    out = {}
-    for base, base_runs in groups.items():
-        if base_runs[0].mode != "ntp":
-            continue
-        b_tokens, b_loss = mean_curve(base_runs)
-        out[base] = {}
-        for name, runs in groups.items():
-            if runs[0].mode != "ntp":
-                reached = tokens_to_reach(*mean_curve(runs), b_loss[-1])
-                out[base][name] = None if reached is None else 100.0 * reached / b_tokens[-1]
-    return out
+def seed_curves(runs: list[Run], source: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(grid (E,), losses (R, E)): each seed's curve on the first one's eval grid, cut to the range all cover."""
+    curves = [r.curve(source) for r in runs]
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+        return None
+    grid = curves[0][0]
+    grid = grid[grid <= min(t[-1] for t, _ in curves)]
+    return grid, np.stack([np.interp(grid, t, loss) for t, loss in curves])
 
 
 def plot(groups: dict[str, list[Run]], out: Path) -> None:
+    """One panel for the total validation loss and one per source: mean over seeds, band min..max over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in groups.items():
-        grid, mean = mean_curve(runs)
-        line, = ax.plot(grid / 1e6, mean, label=f"{name} (n={len(runs)})")
-        for r in runs if len(runs) > 1 else []:
-            ax.plot(r.tokens / 1e6, r.val_loss, color=line.get_color(), alpha=0.25, lw=0.8)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [None, *source_names(groups)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, source in zip(axes[0], panels, strict=True):
+        for i, (name, runs) in enumerate(groups.items()):
+            curves = seed_curves(runs, source)
+            if curves is None:
+                continue
+            grid, losses = curves
+            color = f"C{i % 10}"
+            ax.plot(grid / 1e6, losses.mean(0), color=color, label=f"{name} (n={len(losses)})")
+            if len(losses) > 1:
+                ax.fill_between(grid / 1e6, losses.min(0), losses.max(0), color=color, alpha=0.2, lw=0)
+        ax.set_title("all validation tokens" if source is None else f"source: {source}")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("validation loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(title=f"mean over seeds; {BAND}", fontsize=8, title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    tmp.replace(out)
 
 
-def markdown(rows: list[dict], efficiency: dict) -> str:
-    lines = ["| run | mode | seeds | params | tokens | val loss | val ppl | tokens/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def pm(mean: float | None, std: float | None, fmt: str = ".3f", unit: str = "") -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:{fmt}}{unit}" + (f" ± {std:{fmt}}{unit}" if std is not None else "")
+
+
+def source_cell(c: dict | None, seeds: int) -> str:
+    if c is None:
+        return "—"
+    return pm(c["mean"], c["std"]) + (f" (n={c['n']})" if c["n"] < seeds else "")
+
+
+def final_table(rows: list[dict], sources: list[str]) -> list[str]:
+    per_source = ", over all validation tokens and per source (n = seeds that reported it, when fewer)."
+    lines = ["Final validation loss (nats): mean ± sample standard deviation over seeds"
+             + (per_source if sources else "."), "",
+             "| run | mode | seeds | params | tokens | val loss | val ppl | tokens/s |"
+             + "".join(f" {s} |" for s in sources),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(sources)]
     for r in rows:
-        spread = f" ± {r['val_loss_std']:.3f}" if r["seeds"] > 1 else ""
-        lines.append(f"| {r['run']} | {r['mode']} | {r['seeds']} | {r['params'] / 1e6:.2f}M | {r['tokens'] / 1e6:.2f}M | "
-                     f"{r['val_loss']:.3f}{spread} | {r['val_ppl']:.1f} | {r['tokens_per_s']:.0f} |")
-    for base, others in efficiency.items():
-        lines += ["", f"Sample efficiency against `{base}`: tokens needed to reach its final validation loss, "
-                  f"as a share of the tokens it trained on (lower is better; the paper's figure)."]
-        for name, pct in others.items():
-            lines.append(f"- `{name}`: " + (f"{pct:.0f}%" if pct is not None else "did not reach it"))
+        cells = [source_cell(r["sources"].get(s), r["seeds"]) for s in sources]
+        speed = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "—"
+        lines.append(f"| {r['run']} | {r['mode']} | {r['seeds']} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['tokens'] / 1e6:.2f}M | {pm(r['val_loss'], r['val_loss_std'] if r['seeds'] > 1 else None)} | "
+                     f"{r['val_ppl']:.1f} | "
+                     f"{speed} |" + "".join(f" {c} |" for c in cells))
+    return lines
+
+
+def diff_cell(d: dict) -> str:
+    if d["mean"] is None:
+        return "no shared seed"
+    if d["ci_low"] is None:
+        return f"{d['mean']:+.3f} (1 pair)"
+    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
+def paired_tables(paired: dict, sources: list[str]) -> list[str]:
+    lines = ["## Paired differences against the NTP baselines", "",
+             "Final validation loss of the arm minus the baseline's, seed s against seed s over the seeds both ran "
+             f"(negative = arm better), with a {CONFIDENCE:.0%} confidence interval from the t distribution with "
+             "n - 1 degrees of freedom (n = pairs; none below 2).", "",
+             "| arm | baseline | pairs | difference [95% CI] | verdict |", "| --- | --- | ---: | --- | --- |"]
+    for base, arms in paired.items():
+        for arm, d in arms.items():
+            lines.append(f"| {arm} | {base} | {d['total']['n']} | {diff_cell(d['total'])} | {d['total']['verdict']} |")
+    if sources:
+        lines += ["", "Per source (difference [95% CI], verdict):", "",
+                  "| arm | baseline |" + "".join(f" {s} |" for s in sources), "| --- | --- |" + " --- |" * len(sources)]
+        for base, arms in paired.items():
+            for arm, d in arms.items():
+                cells = [f"{diff_cell(d['sources'][s])}, {d['sources'][s]['verdict']}" if s in d["sources"] else "—"
+                         for s in sources]
+                lines.append(f"| {arm} | {base} |" + "".join(f" {c} |" for c in cells))
+    return lines
+
+
+def efficiency_sections(efficiency: dict) -> list[str]:
+    lines = []
+    for base, arms in efficiency.items():
+        lines += ["", f"## Sample efficiency against `{base}`", "",
+                  f"Tokens each arm's seed-s run needed to reach `{base}` seed s's final validation loss, as a share "
+                  f"of the tokens `{base}` trained on: mean ± sample std over the seed pairs that reached it "
+                  "(lower is better; the paper's figure).", "",
+                  "| arm | tokens to reach | reached |", "| --- | ---: | --- |"]
+        for arm, e in arms.items():
+            pct = pm(e["mean_pct"], e["std_pct"], ".0f", "%")
+            lines.append(f"| {arm} | {pct} | in {e['reached']} of {e['n']} seeds |")
+    return lines
+
+
+def verdict_lists(paired: dict) -> list[str]:
+    """Plain-English summary of the total-loss differences: which are inside noise, which are significant."""
+    noise, significant, no_ci = [], [], []
+    for base, arms in paired.items():
+        for arm, d in arms.items():
+            t = d["total"]
+            if t["verdict"] == "inside noise":
+                noise.append(f"- `{arm}` vs `{base}`: {diff_cell(t)}")
+            elif t["verdict"] in ("better", "worse"):
+                significant.append(f"- `{arm}` vs `{base}`: {t['verdict']}, {diff_cell(t)}")
+            else:
+                no_ci.append(f"- `{arm}` vs `{base}`: {diff_cell(t)}")
+    lines = ["", "## Verdicts (total validation loss)", "",
+             f"Inside noise ({CONFIDENCE:.0%} CI contains 0: no difference shown):", *(noise or ["- none"]), "",
+             f"Significant ({CONFIDENCE:.0%} CI excludes 0):", *(significant or ["- none"])]
+    if no_ci:
+        lines += ["", "No CI (fewer than 2 paired seeds):", *no_ci]
+    return lines
+
+
+def markdown(rows: list[dict], paired: dict, efficiency: dict, sources: list[str]) -> str:
+    lines = final_table(rows, sources)
+    if any(paired.values()):
+        lines += ["", *paired_tables(paired, sources), *efficiency_sections(efficiency), *verdict_lists(paired)]
     fps = sorted({r["label_fingerprint"] for r in rows if r["label_fingerprint"]})
     if fps:
         lines += ["", "Label set(s): " + ", ".join(f"`{f}`" for f in fps)]
@@ -145,19 +402,23 @@ def markdown(rows: list[dict], efficiency: dict) -> str:
 
 
 def compare(run_dirs: list[Path], out: Path) -> Path:
-    """Write `<out>/report.md` and `<out>/val_loss.png` comparing the runs; return the report's path."""
+    """Write `<out>/report.md`, `<out>/val_loss.png` and `<out>/summary.json`; return the report's path."""
     if not run_dirs:
         raise UserError("give at least one run folder to compare")
     groups = group_runs([load_run(p) for p in run_dirs])
-    rows = summarize(groups)
-    efficiency = sample_efficiency(groups)
+    rows, sources = summarize(groups), source_names(groups)
+    paired, efficiency = paired_differences(groups), sample_efficiency(groups)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot(groups, out / "val_loss.png")
-    text = "# CoCoMix comparison\n\n![validation loss](val_loss.png)\n\n" + markdown(rows, efficiency)
+    write_json_atomic(out / "summary.json", {
+        "rows": rows, "sources": sources, "confidence": CONFIDENCE, "curves": f"mean over seeds; {BAND}",
+        "paired": paired, "tokens_to_reach": efficiency,
+        # the headline figure per (baseline, arm): mean % over the seed pairs that reached the target
+        "sample_efficiency_pct": {b: {a: e["mean_pct"] for a, e in arms.items()} for b, arms in efficiency.items()}})
+    text = f"# CoCoMix comparison\n\n![validation loss](val_loss.png)\n\n*Curves: mean over seeds; {BAND}.*\n\n"
     report = out / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text(text)
+    tmp = report.with_name(f".report.md.tmp-{os.getpid()}")
+    tmp.write_text(text + markdown(rows, paired, efficiency, sources))
     tmp.replace(report)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "sample_efficiency_pct": efficiency}, indent=2))
     return report

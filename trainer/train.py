@@ -1,8 +1,8 @@
 """The training loop: one straight `train(cfg)` (STYLE.md), with small helpers around it.
 
 Run folder `<out>/`: config.json (the resolved TrainConfig), metrics.jsonl (one JSON object per log
-line: step, tokens, lr, train_loss, ntp_loss, aux_loss, val_loss, val_ppl, tokens_per_s, elapsed; the
-val fields are null between evals), run.json (written at the end), checkpoints/step-NNNNNNN/.
+line: step, tokens, lr, train_loss, ntp_loss, aux_loss, val_loss, val_ppl, val_sources ({source: loss}, the
+corpus's domains when the token store knows them), tokens_per_s, elapsed; the val fields are null between evals), run.json (written at the end), checkpoints/step-NNNNNNN/.
 
 Batches: optimizer step s consumes grad_accum micro-batches of batch_size windows, a fixed slice of the
 seeded window stream (`trainer.data.micro_batch`). Under torchrun, rank r runs micro-batches
@@ -44,7 +44,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg, ts, labels = open_stores(cfg)  # refusals happen here, before any step
         master, out = rank == 0, check_out(cfg, world)
         train_data = WindowData(ts, "train", cfg.block_size, labels, cfg.mode, cfg.concept_positive_only)
-        val_data = WindowData(ts, "val", cfg.block_size) if cfg.eval_windows else None
+        val_data = WindowData(ts, "val", cfg.block_size, by_source=True) if cfg.eval_windows else None
         torch.manual_seed(cfg.seed)
         raw = GPT(cfg.model_config()).to(device)
         torch.manual_seed(cfg.seed + 1 + rank)  # the dropout stream, distinct per rank
@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> Path:
         if step == 0 and val_data is not None:
             val = evaluate()  # every rank takes part (the all-reduce)
             if master:
-                log_row(out, metrics(cfg, 0, None, val, None, 0.0))
+                log_row(out, metrics(cfg, 0, None, val, None, 0.0, names=val_data.source_names))
         bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=None if master else True)
         while step < stop:
             lr = lr_at(step, cfg)
@@ -99,7 +99,8 @@ def train(cfg: TrainConfig) -> Path:
                     sums /= world
                 train_time += t_step - t_log
                 tok_s = (step - step_log) * cfg.tokens_per_step / max(t_step - t_log, 1e-9)
-                row = metrics(cfg, step, sums / (step - step_log), val, tok_s, elapsed0 + t_step - t_start, lr)
+                row = metrics(cfg, step, sums / (step - step_log), val, tok_s, elapsed0 + t_step - t_start, lr,
+                              val_data.source_names if val_data is not None else ())
                 sums.zero_()
                 step_log = step
                 if master:
@@ -220,13 +221,17 @@ def _step_of(line: str) -> float:
 
 
 def metrics(cfg: TrainConfig, step: int, train: torch.Tensor | None, val: torch.Tensor | None,
-            tok_s: float | None, elapsed: float, lr: float | None = None) -> dict:
-    """One metrics line; the .tolist() / .item() here are the loop's only host syncs."""
+            tok_s: float | None, elapsed: float, lr: float | None = None, names=()) -> dict:
+    """One metrics line; the .tolist() here are the loop's only host syncs. val: (1 + S,) from val_loss,
+    all evaluated tokens first, then each of the S sources named by `names`."""
     loss, ntp, aux = train.tolist() if train is not None else (None, None, None)
-    v = val.item() if val is not None else None
+    vals = val.tolist() if val is not None else None
+    v = vals[0] if vals is not None else None
+    by_source = {n: x for n, x in zip(names, vals[1:], strict=True) if not math.isnan(x)} if vals and names else None
     return {"step": step, "tokens": step * cfg.tokens_per_step, "lr": lr, "train_loss": loss, "ntp_loss": ntp,
             "aux_loss": aux if cfg.mode in ("cocomix", "kd") else None, "val_loss": v,
-            "val_ppl": math.exp(v) if v is not None else None, "tokens_per_s": tok_s, "elapsed": round(elapsed, 3)}
+            "val_ppl": math.exp(v) if v is not None else None, "val_sources": by_source, "tokens_per_s": tok_s,
+            "elapsed": round(elapsed, 3)}
 
 
 def log_row(out: Path, row: dict) -> None:
@@ -250,6 +255,7 @@ def write_run_json(out: Path, cfg: TrainConfig, raw: GPT, fingerprints: dict, wo
         "n_params_non_embedding": raw.num_params(), "steps": cfg.max_steps, "tokens": last["tokens"],
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
         "final_val_ppl": vals[-1]["val_ppl"] if vals else None,
+        "final_val_sources": vals[-1].get("val_sources") if vals else None,
         "tokens_per_s": last["tokens"] / train_time if train_time else None,
         "elapsed": last["elapsed"], "world_size": world, "device": device.type})
 
