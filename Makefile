@@ -9,8 +9,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
+export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students study teacher sae clean
+.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study teacher sae clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,eval]'
 	touch $@
 
 # pytest exit code 5 (nothing collected) is a failure, never a silent pass.
@@ -91,11 +92,25 @@ students: $(LABELS)/manifest.json | $(RUNS)
 	@echo "training $(STUDENTS) ($(STUDENT_TOKENS) tokens each, two at a time; logs in $(RUNS)/*.log)"
 	$(MAKE) --no-print-directory -j2 $(foreach s,$(SLOWEST_FIRST),$(RUNS)/$(s)/run.json)
 
-demo: extract-concepts students
+demo: extract-concepts students downstream
 	@echo "seeds: train/val split 0, students $(SEED), teacher and SAE 0 (see make teacher / make sae)"
 	$(COCOMIX) sae info $(SAE)
 	$(COCOMIX) compare $(foreach s,$(STUDENTS),$(RUNS)/$(s)) --out $(OUT)/report
 	@echo "report: $(OUT)/report/report.md"
+
+# ---- downstream tasks (lm-evaluation-harness) --------------------------------------------------------------
+# The students on the offline stand-ins in data/tasks (LAMBADA-, HellaSwag- and WikiText-style, built from the
+# corpus's validation documents); results go to <run>/downstream.json, which `cocomix compare` tables.
+# About 35 s per demo student; DOWNSTREAM_LIMIT=N scores only N items per task.
+DOWNSTREAM_LIMIT ?=
+$(RUNS)/%/downstream.json: $(RUNS)/%/run.json
+	$(COCOMIX) downstream $(RUNS)/$* $(if $(DOWNSTREAM_LIMIT),--limit $(DOWNSTREAM_LIMIT))
+downstream: students
+	$(MAKE) --no-print-directory -j2 $(foreach s,$(STUDENTS),$(RUNS)/$(s)/downstream.json)
+
+# rebuilds the shipped tasks (deterministic: the same files unless the corpus or the tokenizer changed)
+tasks: setup
+	$(BIN)/python -m pipeline.tasks --out data/tasks --tokenizer $(TEACHER)
 
 # ---- the study (not part of `make test` or `make demo`): every arm x seed, resumable ----------------------
 # `make study` prints its plan (arms x seeds, tokens, estimated hours) and runs what is not finished yet;

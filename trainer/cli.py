@@ -1,4 +1,4 @@
-"""`cocomix train | eval | export-hf | compare | generate`: the trainer's commands (mounted at top level by pipeline/cli.py).
+"""`cocomix train | eval | export-hf | compare | generate | downstream`: the trainer's commands (mounted at top level by pipeline/cli.py).
 
 Heavy modules (torch, the model) are imported inside the commands so `cocomix --help` starts fast.
 Under torchrun: `torchrun --standalone --nproc_per_node 2 -m trainer.train --preset demo ...`.
@@ -139,6 +139,27 @@ def generate_cmd(
             typer.echo(f"{piece!r:>16}  {shown}")
         typer.echo("")
     typer.echo(text)
+
+
+@app.command("downstream")
+def downstream_cmd(
+    runs: list[Path] = typer.Argument(..., help="run folders (their latest checkpoint) or checkpoint folders"),
+    tasks: str = typer.Option("cocomix_cloze,cocomix_continuation,cocomix_ppl", "--tasks",
+                              help="comma-separated lm-eval tasks: the offline stand-ins (default), or the "
+                                   "harness's own (lambada_openai,hellaswag,...) where the dataset hub is reachable"),
+    limit: int | None = typer.Option(None, "--limit", help="score at most N items per task"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    tasks_dir: Path | None = typer.Option(None, "--tasks-dir", help="folder of task YAMLs (default: data/tasks)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per run"),
+) -> None:
+    """Score students on lm-evaluation-harness tasks; writes <run>/downstream.json for `cocomix compare`."""
+    from trainer.downstream import TASKS_DIR, DownstreamConfig, downstream, format_summary
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    cfg = DownstreamConfig(tuple(runs), names, tasks_dir or TASKS_DIR, limit, batch_size, device)
+    for summary in downstream(cfg):
+        typer.echo(json.dumps(summary) if as_json else "\n".join(format_summary(summary)))
 
 
 def main_train() -> None:

@@ -403,11 +403,14 @@ def markdown(rows: list[dict], paired: dict, efficiency: dict, sources: list[str
 
 def compare(run_dirs: list[Path], out: Path) -> Path:
     """Write `<out>/report.md`, `<out>/val_loss.png` and `<out>/summary.json`; return the report's path."""
+    from trainer.downstream import downstream_markdown, downstream_rows  # it imports this module
+
     if not run_dirs:
         raise UserError("give at least one run folder to compare")
     groups = group_runs([load_run(p) for p in run_dirs])
     rows, sources = summarize(groups), source_names(groups)
     paired, efficiency = paired_differences(groups), sample_efficiency(groups)
+    down = downstream_rows(groups)  # the runs `cocomix downstream` scored (<run>/downstream.json)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plot(groups, out / "val_loss.png")
@@ -415,10 +418,11 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
         "rows": rows, "sources": sources, "confidence": CONFIDENCE, "curves": f"mean over seeds; {BAND}",
         "paired": paired, "tokens_to_reach": efficiency,
         # the headline figure per (baseline, arm): mean % over the seed pairs that reached the target
-        "sample_efficiency_pct": {b: {a: e["mean_pct"] for a, e in arms.items()} for b, arms in efficiency.items()}})
+        "sample_efficiency_pct": {b: {a: e["mean_pct"] for a, e in arms.items()} for b, arms in efficiency.items()},
+        "downstream": down})
     text = f"# CoCoMix comparison\n\n![validation loss](val_loss.png)\n\n*Curves: mean over seeds; {BAND}.*\n\n"
     report = out / "report.md"
     tmp = report.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text(text + markdown(rows, paired, efficiency, sources))
+    tmp.write_text(text + markdown(rows, paired, efficiency, sources) + downstream_markdown(down))
     tmp.replace(report)
     return report
