@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study teacher sae clean
+.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study study-keep teacher sae clean
 
 setup: $(VENV)/.installed
 
@@ -122,6 +122,14 @@ STUDY_ARMS   ?=
 study: setup
 	$(COCOMIX) study --out $(STUDY_OUT) --seeds $(STUDY_SEEDS) --student-tokens $(STUDY_TOKENS) \
 	  --teacher $(TEACHER) --sae $(SAE) --layer $(LAYER) --window $(WINDOW) $(if $(STUDY_ARMS),--arms $(STUDY_ARMS))
+
+# The small files of every finished study run (config.json, metrics.jsonl, run.json) and their report, kept in
+# the repository (data/study) so that the README's study table can be rebuilt with `cocomix compare`.
+STUDY_KEEP ?= data/study
+study-keep: setup
+	@for f in $(STUDY_OUT)/runs/*/run.json; do d=$$(dirname $$f); n=$$(basename $$d); \
+	  mkdir -p $(STUDY_KEEP)/runs/$$n && cp $$d/config.json $$d/metrics.jsonl $$d/run.json $(STUDY_KEEP)/runs/$$n/; done
+	$(COCOMIX) compare $(STUDY_KEEP)/runs/*/ --out $(STUDY_KEEP)/report
 
 # ---- rebuilding the shipped teacher and SAE (not part of `make demo`) -------------------------------------
 BUILD := out/build

@@ -5,6 +5,8 @@
     attribution.py   attribute(): the pure attribution kernel, a batch of windows -> concept labels
     extract.py       ExtractConfig, run_extract(): the Ray job over work units of a label store
     concepts.py      concept statistics and contexts from label shards (polars)
+    study.py         StudyConfig, run_study(): every arm x seed on shared label stores, resumable
+    tasks.py         the offline downstream tasks (data/tasks) built from the corpus's val documents
     cli*.py          the Typer app (`pipeline.cli:app`) and its command groups
 
 Names are imported lazily so that `import pipeline.cli` (and `cocomix --help`) does not load torch or ray.

@@ -8,8 +8,11 @@
     checkpoint.py  save / latest / load_model
     evaluate.py    evaluate(checkpoint, tokens) -> val loss and perplexity
     generate.py    GenerateConfig, generate (sampling, concept steering)
-    report.py      compare(run_dirs, out) -> Markdown + plots (`cocomix compare`)
-    cli.py         `cocomix train | eval | export-hf` (typer app)
+    report.py      compare(run_dirs, out) -> Markdown + plots over seeds, paired CIs (`cocomix compare`)
+    scoring.py     batched log-likelihoods and generation on the student's own forward
+    harness.py     the lm-evaluation-harness model `cocomix` (`python -m trainer.harness`)
+    downstream.py  `cocomix downstream`: the students on lm-eval tasks, and compare's downstream table
+    cli.py         `cocomix train | eval | export-hf | compare | generate | downstream` (typer app)
 
 Names are imported lazily so that `import trainer.cli` (and `cocomix --help`) does not load torch.
 The trainer never imports pipeline, sae or ray: it never runs a teacher.
