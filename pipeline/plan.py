@@ -208,20 +208,22 @@ def student_config(cfg: PlanConfig, vocab: int, latents: int) -> TrainConfig:
     return build_config(cfg.preset, cfg.config, parse_sets(list(cfg.sets)) | resolved)
 
 
-def check_shapes(cfg: PlanConfig, t: TeacherShape, s: SAEShape, tc: TrainConfig) -> None:
-    """The refusals `cocomix extract` / `train` would give for these sizes, before any arithmetic."""
+def check_sae(cfg: PlanConfig, t: TeacherShape, s: SAEShape) -> None:
+    """The refusals `cocomix extract` would give for this teacher and SAE."""
     if not 0 <= cfg.layer < t.n_layer:
         raise UserError(f"layer {cfg.layer} is out of range: the teacher has {t.n_layer} blocks (0..{t.n_layer - 1})")
     if s.d_in != t.d:
         raise UserError(f"SAE d_in {s.d_in} does not match the teacher's hidden size {t.d}; use an SAE on this teacher")
-    if t.context is not None and tc.block_size > t.context:
-        raise UserError(f"block_size {tc.block_size} is longer than the teacher's context ({t.context}): lower it")
     if cfg.label_k > s.k:
         raise UserError(f"--label-k {cfg.label_k} cannot exceed the SAE's {s.k} active latents")
+
+
+def check_student(t: TeacherShape, tc: TrainConfig) -> None:
+    """The refusals `cocomix train` would give for a student on this teacher's labels."""
+    if t.context is not None and tc.block_size > t.context:
+        raise UserError(f"block_size {tc.block_size} is longer than the teacher's context ({t.context}): lower it")
     if tc.vocab_size > t.vocab:
         raise UserError(f"the student's vocab_size {tc.vocab_size} is larger than the teacher's {t.vocab}")
-    if tc.mode == "cocomix" and tc.k_concept > s.latents:
-        raise UserError(f"k_concept {tc.k_concept} is larger than the SAE's {s.latents} latents: lower it")
 
 
 # --- formulas (module docstring) ---------------------------------------------------------------------
@@ -326,8 +328,9 @@ def make_plan(cfg: PlanConfig) -> dict:
     """Every figure of the plan as one JSON-able dict (refusing inconsistent sizes first)."""
     t = teacher_shape(cfg.teacher)
     s = sae_shape(cfg, t.d)
+    check_sae(cfg, t, s)
     tc = student_config(cfg, t.vocab, s.latents)
-    check_shapes(cfg, t, s, tc)
+    check_student(t, tc)
     tokens, b = cfg.tokens or tc.max_tokens, cfg.micro_batch or tc.batch_size
     topk = cfg.teacher_topk if cfg.teacher_topk is not None else (DEFAULT_KD_TOPK if tc.mode == "kd" else 0)
     if topk > t.vocab:

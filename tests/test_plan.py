@@ -4,6 +4,7 @@ writes, and user mistakes exit 2 with one line."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from storage_schemas import LabelSpec, LabelStore
 from trainer.config import TrainConfig, build_config
 from trainer.model import GPT
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+sys.path.insert(0, str(ROOT))  # bench/ is not an installed package (`python -m bench` runs from the root)
 
 
 class MatmulFlops(TorchDispatchMode):
