@@ -142,6 +142,7 @@ teacher: setup
 sae: setup
 	$(COCOMIX) sae train --teacher $(TEACHER) --tokens $(BUILD)/tokens --layer $(LAYER) --latents 3072 --k 16 \
 	  --tokens-budget 6000000 --out $(SAE)
+	$(COCOMIX) sae eval $(SAE) --teacher $(TEACHER) --tokens $(BUILD)/tokens --max-windows 339 --save
 
 clean:
 	rm -rf out
