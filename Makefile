@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study study-keep teacher sae clean
+.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study study-keep gpu-check teacher sae clean
 
 setup: $(VENV)/.installed
 
@@ -130,6 +130,12 @@ study-keep: setup
 	@for f in $(STUDY_OUT)/runs/*/run.json; do d=$$(dirname $$f); n=$$(basename $$d); \
 	  mkdir -p $(STUDY_KEEP)/runs/$$n && cp $$d/config.json $$d/metrics.jsonl $$d/run.json $(STUDY_KEEP)/runs/$$n/; done
 	$(COCOMIX) compare $(STUDY_KEEP)/runs/*/ --out $(STUDY_KEEP)/report
+
+# ---- one GPU (not part of make bench): the figures `cocomix plan` needs, measured; about 5 minutes ----------
+# `make setup` pins the CPU torch wheel: on a GPU machine install torch 2.13 for CUDA first. Without a GPU the
+# check runs reduced shapes on the CPU and says so ("device": "cpu").
+gpu-check: setup
+	$(BIN)/python -m bench.gpu_check --out $(OUT)/gpu-check.json
 
 # ---- rebuilding the shipped teacher and SAE (not part of `make demo`) -------------------------------------
 BUILD := out/build

@@ -216,21 +216,19 @@ def extraction(shapes: Shapes, device: torch.device, repeats: int, dense: bool, 
 
 def label_agreement(shapes: Shapes, device: torch.device, batch: int = 1) -> dict:
     """bf16 labels against fp32 ones on the same windows and weights. bf16: on CUDA the kernel's own
-    autocast (what `cocomix extract` runs there), on CPU the kernel under a bf16 CPU autocast. fp32: the
-    kernel on the CPU without autocast."""
-    import copy
-
+    autocast (the teacher in bf16, what `cocomix extract` runs there); on a CPU the whole kernel under a bf16
+    CPU autocast (the SAE encode too: a stricter test). fp32: the same kernel on the CPU, no autocast."""
     from pipeline.attribution import attribute
 
     teacher, sae = build_extraction(shapes, device)
-    x = windows(shapes, batch, device, seed=2)
-    low = attribute(teacher, sae, shapes.layer, "resid_post_mlp", x) if device.type == "cuda" else None
-    cpu = torch.device("cpu")
-    teacher32, sae32 = copy.deepcopy(teacher).to(cpu).float(), copy.deepcopy(sae).to(cpu).float()
-    if low is None:
+    x, cpu = windows(shapes, batch, device, seed=2), torch.device("cpu")
+    if device.type == "cuda":
+        low = attribute(teacher, sae, shapes.layer, "resid_post_mlp", x)
+        teacher, sae = teacher.to(cpu), sae.to(cpu)
+    else:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = attribute(teacher32, sae32, shapes.layer, "resid_post_mlp", x)
-    ref = attribute(teacher32, sae32, shapes.layer, "resid_post_mlp", x.to(cpu))
+            low = attribute(teacher, sae, shapes.layer, "resid_post_mlp", x)
+    ref = attribute(teacher, sae, shapes.layer, "resid_post_mlp", x.to(cpu))
     keep = ref.valid & low.valid.to(cpu)  # (B, W)
     ids, ref_ids = low.ids.to(cpu)[keep], ref.ids[keep]  # (n, k)
     overlap = (ids[:, :, None] == ref_ids[:, None, :]).any(-1).float().mean()

@@ -40,7 +40,7 @@ def _mount() -> None:
     # Each package owns its commands; these modules import only typer at the top, so startup stays fast.
     import sae.cli
     import trainer.cli
-    from pipeline import cli_concepts, cli_extract, cli_shards, cli_study, cli_tokenize
+    from pipeline import cli_concepts, cli_extract, cli_plan, cli_shards, cli_study, cli_tokenize
 
     app.add_typer(cli_tokenize.app)
     app.add_typer(sae.cli.app, name="sae", help="Train, evaluate and inspect sparse autoencoders.")
@@ -49,6 +49,7 @@ def _mount() -> None:
     app.add_typer(cli_concepts.app, name="concepts", help="Which concepts the labels use, and where.")
     app.add_typer(trainer.cli.app)
     app.add_typer(cli_study.app)
+    app.add_typer(cli_plan.app)
 
 
 _mount()

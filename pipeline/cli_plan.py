@@ -23,7 +23,7 @@ def plan(
     sae: Path | None = typer.Option(None, help="SAE checkpoint; or give --sae-latents/--sae-k."),
     sae_latents: int | None = typer.Option(None, help="SAE latents without a checkpoint (default 32768)."),
     sae_k: int | None = typer.Option(None, help="SAE active latents per token without a checkpoint (default 32)."),
-    layer: int = typer.Option(5, help="Teacher block whose output the SAE reads."),
+    layer: int | None = typer.Option(None, help="Teacher block the SAE reads (default: the SAE's own, else 5)."),
     label_k: int = typer.Option(4, help="Concept labels per token."),
     teacher_topk: int | None = typer.Option(None, help="Teacher top-K stored for KD (default 32 in kd mode, else 0)."),
     tokens: float = typer.Option(0, help="Token budget, e.g. 20e9 (default: the config's max_tokens)."),
@@ -79,12 +79,12 @@ def format_plan(p: dict) -> str:
         f"(non-embedding {_si(st['params']['non_embedding'])}); {st['n_layer']} layers, d {st['n_embd']}, "
         f"{st['block_size']}-token windows, vocab {st['vocab_size']:,}" + (f", C {st['n_concepts']:,}" if st['n_concepts'] else ""),
         f"teacher    {t['name']}: {_si(t['params'])} params, {t['n_layer']} blocks, d {t['d']}, vocab {t['vocab']:,}",
-        f"SAE        {s['latents']:,} latents, k {s['k']}, on block {s['layer']} {s['location']} ({s['source']})",
-        f"tokens     {_si(p['tokens'])}",
+        f"SAE        {s['latents']:,} latents, k {s['k']}, on block {s['layer']} {s['hook_location']} ({s['source']})",
+        f"tokens     {p['tokens']:,}",
         "FLOPs",
-        f"  train      {_si(tr['per_token'])}/token, {_si(tr['total'])} total (6ND alone {_si(tr['six_nd'])}, "
+        f"  train      {_si(tr['per_token'], 'FLOP')}/token, {_si(tr['total'], 'FLOP')} (6ND alone {_si(tr['six_nd'], 'FLOP')}, "
         f"x{tr['total'] / tr['six_nd']:.2f})",
-        f"  extract    {_si(ex['per_token'])}/token, {_si(ex['total'])} total (fwd {_si(ex['forward'])}, partial bwd "
+        f"  extract    {_si(ex['per_token'], 'FLOP')}/token, {_si(ex['total'], 'FLOP')} (fwd {_si(ex['forward'])}, partial bwd "
         f"{_si(ex['partial_backward'])}, SAE {_si(ex['sae_encode'])}); the dense reference costs "
         f"x{ex['dense_over_kernel']:.2f}",
         f"memory per device ({prec} activations; train micro-batch {m['micro_batch']} x {st['block_size']}, "

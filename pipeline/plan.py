@@ -25,7 +25,8 @@ Training FLOPs:
     Vectors (biases, norms) count as matrices, as in nanoGPT (< 0.1%). Top-k, softmax and log-sum-exp over
     the C and V logits are memory-bound and not counted: they are why real MFU is below 1.
 Extraction FLOPs per token (teacher: L_t blocks of P_t parameters, width d_t, head V d_t; hook at the
-output of block l, u = L_t - l - 1 blocks above it; SAE with C latents, k_sae active, on d_t):
+output of block l (resid_post_mlp; another location in block l moves the hook by less than a block),
+u = L_t - l - 1 blocks above it; SAE with C latents, k_sae active, on d_t):
     forward   2 (L_t P_t + V d_t) + 4 L_t T d_t
     backward  2 (u P_t + V d_t) + 8 u T d_t    input gradients only, from the loss down to the hook
     SAE       2 d_t C                          dense pre-activations (every latent is scored)
@@ -74,7 +75,6 @@ from trainer.config import TrainConfig, build_config, parse_sets
 
 DEFAULT_LATENTS, DEFAULT_SAE_K, DEFAULT_KD_TOPK = 32768, 32, 32  # OpenAI v5 32k TopK(32); the demo's KD K
 GATHER_BYTES = 64 << 20  # pipeline.attribution slices its decoder-row gather to about this
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ class PlanConfig:
     """SAE latents without a checkpoint (default 32768)."""
     sae_k: int | None = None
     """SAE active latents per token without a checkpoint (default 32)."""
-    layer: int = 5
-    """Teacher block whose output (resid_post_mlp) the SAE reads."""
+    layer: int | None = None
+    """Teacher block the SAE reads; None: the SAE checkpoint's recorded hook layer, else 5 (the paper's)."""
     label_k: int = 4
     """Concept labels per token."""
     teacher_topk: int | None = None
@@ -160,6 +160,8 @@ class SAEShape(NamedTuple):
     d_in: int
     k: int
     source: str
+    hook_layer: int | None = None
+    hook_location: str = "resid_post_mlp"
 
 
 # --- shapes ------------------------------------------------------------------------------------------
@@ -189,13 +191,13 @@ def model_shape(model, name: str) -> TeacherShape:
 
 
 def sae_shape(cfg: PlanConfig, d_teacher: int) -> SAEShape:
-    """From the checkpoint (sae.formats.describe) or from the flags (d_in = the teacher's width)."""
+    """From the checkpoint (sae.load_sae, any format) or from the flags (d_in = the teacher's width)."""
     if cfg.sae is None:
         return SAEShape(cfg.sae_latents or DEFAULT_LATENTS, d_teacher, cfg.sae_k or DEFAULT_SAE_K, "flags")
-    from sae.formats import describe
+    from sae import load_sae
 
-    info = describe(cfg.sae)
-    return SAEShape(info["latents"], info["d_in"], info["k"], str(cfg.sae))
+    c = load_sae(cfg.sae).cfg
+    return SAEShape(c.n_latents, c.d_in, c.k, str(cfg.sae), c.hook_layer, c.hook_location)
 
 
 def student_config(cfg: PlanConfig, vocab: int, latents: int) -> TrainConfig:
@@ -208,10 +210,10 @@ def student_config(cfg: PlanConfig, vocab: int, latents: int) -> TrainConfig:
     return build_config(cfg.preset, cfg.config, parse_sets(list(cfg.sets)) | resolved)
 
 
-def check_sae(cfg: PlanConfig, t: TeacherShape, s: SAEShape) -> None:
+def check_sae(cfg: PlanConfig, t: TeacherShape, s: SAEShape, layer: int) -> None:
     """The refusals `cocomix extract` would give for this teacher and SAE."""
-    if not 0 <= cfg.layer < t.n_layer:
-        raise UserError(f"layer {cfg.layer} is out of range: the teacher has {t.n_layer} blocks (0..{t.n_layer - 1})")
+    if not 0 <= layer < t.n_layer:
+        raise UserError(f"layer {layer} is out of range: the teacher has {t.n_layer} blocks (0..{t.n_layer - 1})")
     if s.d_in != t.d:
         raise UserError(f"SAE d_in {s.d_in} does not match the teacher's hidden size {t.d}; use an SAE on this teacher")
     if cfg.label_k > s.k:
@@ -328,14 +330,17 @@ def make_plan(cfg: PlanConfig) -> dict:
     """Every figure of the plan as one JSON-able dict (refusing inconsistent sizes first)."""
     t = teacher_shape(cfg.teacher)
     s = sae_shape(cfg, t.d)
-    check_sae(cfg, t, s)
+    layer = cfg.layer if cfg.layer is not None else s.hook_layer if s.hook_layer is not None else 5
+    check_sae(cfg, t, s, layer)
     tc = student_config(cfg, t.vocab, s.latents)
     check_student(t, tc)
     tokens, b = cfg.tokens or tc.max_tokens, cfg.micro_batch or tc.batch_size
     topk = cfg.teacher_topk if cfg.teacher_topk is not None else (DEFAULT_KD_TOPK if tc.mode == "kd" else 0)
     if topk > t.vocab:
         raise UserError(f"--teacher-topk {topk} is larger than the teacher's vocabulary ({t.vocab})")
-    train, extract = train_flops(tc, tokens), extract_flops(t, s, cfg.layer, tc.block_size, tokens)
+    if tc.mode == "kd" and not topk:
+        raise UserError("kd mode trains on the teacher's stored top-K: give --teacher-topk K > 0")
+    train, extract = train_flops(tc, tokens), extract_flops(t, s, layer, tc.block_size, tokens)
     e_mfu = cfg.extract_mfu or cfg.mfu
     times = {"extract_s": wall_seconds(extract["total"], cfg.devices, cfg.peak_tflops, e_mfu),
              "train_s": wall_seconds(train["total"], cfg.devices, cfg.peak_tflops, cfg.mfu)}
@@ -343,11 +348,11 @@ def make_plan(cfg: PlanConfig) -> dict:
         "student": {"preset": cfg.preset, "mode": tc.mode, "n_layer": tc.n_layer, "n_embd": tc.n_embd,
                     "n_head": tc.n_head, "block_size": tc.block_size, "vocab_size": tc.vocab_size,
                     "n_concepts": tc.n_concepts, "insert_layer": tc.insert_layer, "params": student_params(tc)},
-        "teacher": t._asdict(), "sae": {**s._asdict(), "layer": cfg.layer, "location": "resid_post_mlp"},
+        "teacher": t._asdict(), "sae": {**s._asdict(), "layer": layer},
         "tokens": tokens, "flops": {"train": train, "extract": extract},
         "memory": {"act_bytes": cfg.act_bytes, "micro_batch": b, "extract_batch": cfg.extract_batch,
                    "train": train_memory(tc, b, cfg.act_bytes, topk),
-                   "extract": extract_memory(t, s, cfg.layer, tc.block_size, cfg.extract_batch, cfg.act_bytes)},
+                   "extract": extract_memory(t, s, layer, tc.block_size, cfg.extract_batch, cfg.act_bytes)},
         "label_store": {"k": cfg.label_k, "teacher_topk": topk, "chunk_windows": cfg.chunk_windows,
                         **label_store(s.latents, cfg.label_k, tc.block_size, tokens, cfg.chunk_windows, topk, t.vocab)},
         "time": {"devices": cfg.devices, "peak_tflops": cfg.peak_tflops, "mfu": cfg.mfu, "extract_mfu": e_mfu,

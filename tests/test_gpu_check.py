@@ -3,14 +3,10 @@ value, the JSON file matches, and a bad option is one line with exit code 2."""
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is run from the root, not installed
-
-from bench import gpu_check  # noqa: E402
+from bench import gpu_check
 
 FRACTION = ("mfu_vs_matmul", "ids_identical", "ids_same_set", "top1_identical")
 

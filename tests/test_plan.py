@@ -4,7 +4,6 @@ writes, and user mistakes exit 2 with one line."""
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from trainer.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
-sys.path.insert(0, str(ROOT))  # bench/ is not an installed package (`python -m bench` runs from the root)
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -168,13 +166,13 @@ def test_plan_json_at_the_paper_shapes():
 def test_plan_reads_a_local_teacher_and_sae_and_prints_text(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    r = invoke("--preset", "demo", "--teacher", DEMO / "teacher", "--sae", DEMO / "sae", "--layer", 1, "--json")
+    r = invoke("--preset", "demo", "--teacher", DEMO / "teacher", "--sae", DEMO / "sae", "--json")  # layer: the SAE's
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)
     real = AutoModelForCausalLM.from_pretrained(DEMO / "teacher")
     assert p["teacher"]["params"] == sum(q.numel() for q in real.parameters())
     assert p["sae"]["latents"] == p["student"]["n_concepts"] == 3072
-    assert p["student"]["vocab_size"] == real.config.vocab_size
+    assert p["student"]["vocab_size"] == real.config.vocab_size and p["sae"]["layer"] == 1
     text = invoke("--preset", "gpt2-1.4b", "--tokens", "2e9", "--devices", 64).stdout
     for word in ("FLOPs", "memory per device", "label store", "wall time on 64 device(s)", "concept logits"):
         assert word in text
@@ -190,6 +188,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path):
         (["--preset", "gpt2-69m", "--sae", DEMO / "sae"], "SAE d_in 192 does not match the teacher's hidden size 768"),
         (["--preset", "gpt2-69m", "--layer", 12], "layer 12 is out of range"),
         (["--preset", "gpt2-69m", "--set", "n_concepts=100"], "n_concepts 100 differs from the SAE's 32768"),
+        (["--preset", "gpt2-69m", "--set", "mode=kd", "--teacher-topk", 0], "kd mode trains on the teacher's stored"),
         ([], "give --preset NAME or --config FILE"),
     ]
     for args, message in cases:
