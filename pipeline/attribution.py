@@ -14,6 +14,11 @@ One pure function, `attribute`, testable without Ray:
         absolute    |s_j|
         activation  a_j    the SAE's own top-k (the gradient is computed and unused: one code path)
 
+Several label sets from one teacher pass (`attribute_many`, one Probe per label set: an SAE at a
+hook, k, selection): h is captured at every hook the probes name, the loss computed once, and one
+torch.autograd.grad(loss, [h_1, ..., h_m]) gives every g; then steps 4-6 run per probe. `attribute`
+is the one-probe case.
+
 Since L is the loss, s_j > 0 means latent j's activation raises the teacher's loss to first order and
 s_j < 0 that it lowers it. The stored score is the selection key, so the trainer's rule "train only on
 slots whose score > 0" (concept_positive_only) keeps exactly the slots that have the selected property:
@@ -27,14 +32,16 @@ activation, equal activations, in the SAE's own order).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae import TopKSAE, capture
+from sae import TopKSAE, splice
 
 SCORE_DEFINITION = "a_j*<dL/dh, W_dec_j> over the SAE's active latents; L = sum of next-token CE over positions 0..W-2"
 Selection = Literal["signed", "negated", "absolute", "activation"]
@@ -78,15 +85,33 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
-def teacher_grad(teacher: nn.Module, layer: int, location: str, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """h (B, W, d), g = d(sum CE)/dh (B, W, d) and the logits (B, W, V) of one teacher forward."""
-    with torch.enable_grad(), autocast_for(windows.device), capture(teacher, layer, location, True) as cap:
+def teacher_grads(teacher: nn.Module, hooks: list[tuple[int, str]], windows: Tensor,
+                  ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """h (B, W, d) and g = d(sum CE)/dh (B, W, d) at each (layer, location) of hooks, and the logits
+    (B, W, V), from one teacher forward and one torch.autograd.grad over every captured h."""
+    seen: list[Tensor | None] = [None] * len(hooks)
+    with torch.enable_grad(), autocast_for(windows.device), ExitStack() as stack:
+        for i, (layer, location) in enumerate(hooks):
+            stack.enter_context(splice(teacher, layer, location, partial(_take, seen, i)))
         logits = teacher(input_ids=windows, use_cache=False).logits  # (B, W, V)
         # the last position has no target: ignored, rather than sliced off (a copy of the logits)
         targets = torch.cat([windows[:, 1:], windows.new_full((windows.shape[0], 1), -100)], dim=1)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    (g,) = torch.autograd.grad(loss, cap.value)
-    return cap.value.detach(), g, logits.detach()
+    grads = torch.autograd.grad(loss, seen)
+    return [h.detach() for h in seen], list(grads), logits.detach()
+
+
+def _take(seen: list, i: int, h: Tensor) -> Tensor:
+    """Record hook i's hidden state as a tensor autograd can differentiate the loss by.
+
+    A hook whose h needs no gradient (the first the forward reaches, the teacher being frozen) gets a
+    fresh leaf, as sae.capture makes it, so there is no backward below it. A hook downstream of such a
+    leaf gets a clone instead: a fresh leaf there would cut the graph, and the lower hook would get no
+    gradient through the blocks above. The clone has the same values, passes the lower gradient
+    through unchanged, and receives its own gradient exactly as the leaf of a one-hook pass would.
+    """
+    seen[i] = h.clone() if h.requires_grad else h.detach().requires_grad_(True)
+    return seen[i]
 
 
 def active_attribution(w_dec: Tensor, indices: Tensor, values: Tensor, g: Tensor) -> Tensor:
@@ -115,37 +140,82 @@ def select(idx: Tensor, val: Tensor, s: Tensor, k: int, selection: Selection) ->
     return idx.gather(-1, order), scores
 
 
+class Probe(NamedTuple):
+    """One label set read from a teacher pass: an SAE at a hook, and which labels of it to keep."""
+
+    sae: TopKSAE
+    layer: int
+    """Teacher block the SAE reads (0-based)."""
+    location: str
+    """Hook location in the block (sae.LOCATIONS) or a raw module path."""
+    k: int = 4
+    """Labels per token (at most the SAE's k)."""
+    selection: Selection = "signed"
+    """Which key picks the k labels among the active latents (module docstring)."""
+    sae_k: int | None = None
+    """Also return the SAE's own top-sae_k code."""
+    teacher_k: int | None = None
+    """Also return the teacher's top-teacher_k next-token log-probs, from the same forward."""
+
+
 @torch.no_grad()
 def attribute(teacher: nn.Module, sae: TopKSAE, layer: int, location: str, windows: Tensor, k: int = 4,
               sae_k: int | None = None, teacher_k: int | None = None, selection: Selection = "signed") -> Labels:
-    """Concept labels for a batch of windows (B, W) of token ids on the teacher's device.
+    """Concept labels for a batch of windows (B, W) of token ids on the teacher's device (one Probe)."""
+    return attribute_many(teacher, [Probe(sae, layer, location, k, selection, sae_k, teacher_k)], windows)[0]
 
-    k: labels per token (at most the SAE's k). sae_k: also return the SAE's own top-sae_k code.
-    teacher_k: also return the teacher's top-teacher_k next-token log-probs, from the same forward.
-    selection: which key picks the k labels among the active latents (module docstring).
+
+@torch.no_grad()
+def attribute_many(teacher: nn.Module, probes: Sequence[Probe], windows: Tensor) -> list[Labels]:
+    """The labels of every probe for windows (B, W), from one teacher forward and one backward.
+
+    Each equals `attribute` run for that probe alone: the same ids and the same scores, bit for bit,
+    unless a hook at resid_post_attn lies above another hook (sae's splice there adds a +g - g pair to
+    the gradient below it, which may round differently). Probes on one hook share h and g; probes of
+    one SAE on one hook (other k or selection) also share its code and attributions.
     """
-    k_sae = sae.cfg.k
-    if k > k_sae:
-        raise ValueError(f"k={k} labels cannot exceed the SAE's {k_sae} active latents")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r}: choose one of {', '.join(SELECTIONS)}")
-    B, W = windows.shape
-    h, g, logits = teacher_grad(teacher, layer, location, windows)
+    for p in probes:
+        if p.k > p.sae.cfg.k:
+            raise ValueError(f"k={p.k} labels cannot exceed the SAE's {p.sae.cfg.k} active latents")
+        if p.selection not in SELECTIONS:
+            raise ValueError(f"selection={p.selection!r}: choose one of {', '.join(SELECTIONS)}")
+    hooks = list(dict.fromkeys((p.layer, p.location) for p in probes))  # each hook once, first seen first
+    hs, gs, logits = teacher_grads(teacher, hooks, windows)
+    codes, tops, out = {}, {}, []
+    for p in probes:
+        hook, enc_k = hooks.index((p.layer, p.location)), max(p.sae.cfg.k, p.sae_k or 0)
+        key = (id(p.sae), hook, enc_k)
+        if key not in codes:
+            codes[key] = sae_code(p.sae, hs[hook], gs[hook], enc_k)
+        labels = _labels(p, *codes[key], windows)
+        if p.teacher_k:
+            if p.teacher_k not in tops:
+                tops[p.teacher_k] = logits.float().log_softmax(-1).topk(p.teacher_k, dim=-1)  # (B, W, teacher_k)
+            labels = labels._replace(teacher_ids=tops[p.teacher_k][1], teacher_logprobs=tops[p.teacher_k][0])
+        out.append(labels)
+    return out
+
+
+def sae_code(sae: TopKSAE, h: Tensor, g: Tensor, enc_k: int):
+    """The SAE's top-enc_k code of h (B, W, d), and s (N, k_sae) for its own k_sae active latents."""
     d = h.shape[-1]
     h, g = h.reshape(-1, d).to(sae.W_dec.dtype), g.reshape(-1, d).to(sae.W_dec.dtype)  # (N, d)
     # One encode serves both the labels (the SAE's k latents) and the stored code: topk is sorted,
     # so the first k_sae of a larger top-k are the SAE's own top-k_sae.
-    enc = sae.encode(h, k=max(k_sae, sae_k or 0))
+    enc = sae.encode(h, k=enc_k)
+    k_sae = sae.cfg.k
+    return enc, active_attribution(sae.W_dec, enc.indices[:, :k_sae], enc.values[:, :k_sae], g)  # (N, k_sae)
+
+
+def _labels(p: Probe, enc, s: Tensor, windows: Tensor) -> Labels:
+    """The probe's k labels (and the SAE code it asks for) from the SAE's code and attributions s."""
+    (B, W), k_sae, k = windows.shape, p.sae.cfg.k, p.k
     idx, val = enc.indices[:, :k_sae], enc.values[:, :k_sae]  # (N, k_sae)
-    s = active_attribution(sae.W_dec, idx, val, g)  # (N, k_sae)
-    ids, scores = select(idx, val, s, k, selection)  # (N, k), best first
+    ids, scores = select(idx, val, s, k, p.selection)  # (N, k), best first
     enough = (val > 0).sum(-1) >= k  # (N,)
     valid = enough.reshape(B, W) & (torch.arange(W, device=windows.device) < W - 1)
     out = Labels(ids.reshape(B, W, k), scores.float().reshape(B, W, k), valid)
-    if sae_k:
-        out = out._replace(sae_ids=enc.indices[:, :sae_k].reshape(B, W, sae_k),
-                           sae_vals=enc.values[:, :sae_k].float().reshape(B, W, sae_k))
-    if teacher_k:
-        logp, tid = logits.float().log_softmax(-1).topk(teacher_k, dim=-1)  # (B, W, teacher_k)
-        out = out._replace(teacher_ids=tid, teacher_logprobs=logp)
+    if p.sae_k:
+        out = out._replace(sae_ids=enc.indices[:, :p.sae_k].reshape(B, W, p.sae_k),
+                           sae_vals=enc.values[:, :p.sae_k].float().reshape(B, W, p.sae_k))
     return out

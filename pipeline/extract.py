@@ -5,11 +5,19 @@ other (before Ray starts, so user mistakes cost seconds), build the LabelSpec wh
 the label set, create or reopen the store, take its lock, and plan the units that have no completion
 record. Each unit is one chunk of every array, so exactly one writer touches each chunk file.
 
+Several stores from one teacher pass (`run_extracts`, issue 14): one ExtractConfig per store, each
+exactly the config of a one-store extraction (so each store's plan and fingerprint are the same as
+that extraction's), agreeing on the token store, teacher, window and chunking (SHARED), so that unit u
+covers the same rows in every store. The driver takes every store's lock (in path order), and a unit
+is labelled when any store lacks it, and written only to the stores that lack it.
+
 Workers (`ExtractWorker`, a plain class that Ray wraps as an actor): one per GPU, or per share of the
-CPUs with torch's threads set to match; each loads the teacher and SAE once, then labels whole units
-(a loop of `attribute` over batches of windows) and writes them: data first, then the completion record.
+CPUs with torch's threads set to match; each loads the teacher and each SAE once, then labels whole
+units (a loop of `attribute_many` over batches of windows: one forward and one backward for all its
+stores) and writes each store's unit: data first, then that store's completion record.
 Units are deterministic, so a unit Ray retries after a worker death, or one rerun after a kill,
-writes the same bytes given the same device and --batch-windows.
+writes the same bytes given the same device and --batch-windows; labelled together with other stores
+or alone, a store gets the same bytes too (pipeline/attribution.py `attribute_many`).
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.attribution import SCORE_DEFINITIONS, SELECTIONS, Selection, attribute
+from pipeline.attribution import SCORE_DEFINITIONS, SELECTIONS, Probe, Selection, attribute_many
 from pipeline.teacher import (
     check_teacher,
     context_length,
@@ -41,6 +49,10 @@ from pipeline.teacher import (
 from storage_schemas import LabelSpec, LabelStore, TokenStore, UserError
 
 F16_MAX = float(np.finfo(np.float16).max)
+# ExtractConfig fields every store of one extraction shares: the same token store, teacher, window and
+# chunking make unit u the same rows in every store; the rest say how the one job runs.
+SHARED = ("tokens", "teacher", "window", "chunk_windows", "splits", "workers", "batch_windows", "address",
+          "device", "threads", "progress")
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,8 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class UnitJob:
-    """What each worker needs to label units (sent to the actors once)."""
+    """What each worker needs to label one store's units (sent to the actors once); a worker of several
+    stores gets one per store, the same but for out, sae, layer, location and selection."""
 
     tokens: str
     out: str
@@ -158,54 +171,70 @@ def _windows(a: int, b: int) -> str:
 
 
 class ExtractWorker:
-    """Labels and writes whole units; Ray runs one per GPU or CPU share, and it works without Ray too.
+    """Labels and writes whole units of one or more stores; Ray runs one per GPU or CPU share, and it
+    works without Ray too.
 
-    The teacher and SAE are loaded once, in the constructor.
+    The teacher and each SAE are loaded once, in the constructor. jobs: one per store, sharing tokens,
+    teacher, batch_windows, device and threads (the driver builds them so).
     """
 
-    def __init__(self, job: UnitJob):
+    def __init__(self, *jobs: UnitJob):
         from transformers.utils import logging as hf_logging
 
         from sae import load_sae
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in the job's output
+        job = jobs[0]
         torch.set_num_threads(job.threads)
-        self.job, self.device = job, torch.device(job.device)
-        self.tokens, self.store = TokenStore.open(Path(job.tokens)), LabelStore.open(Path(job.out))
+        self.batch_windows, self.device = job.batch_windows, torch.device(job.device)
+        self.tokens = TokenStore.open(Path(job.tokens))
+        self.stores = [LabelStore.open(Path(j.out)) for j in jobs]
+        self.store = self.stores[0]
         self.teacher = load_teacher(resolve_teacher(job.teacher), self.device)
-        self.sae = load_sae(job.sae, self.device)
+        # one module per file, so that the probes of one SAE share its code (attribute_many)
+        saes = {path: load_sae(path, self.device) for path in dict.fromkeys(j.sae for j in jobs)}
+        self.probes = [Probe(saes[j.sae], j.layer, j.location, s.spec.k, j.selection, s.spec.sae_k, s.spec.teacher_k)
+                       for j, s in zip(jobs, self.stores, strict=True)]
 
-    def label(self, split: str, unit: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The unit's arrays and tokens (rows,): every full window, batch_windows at a time.
+    def labels(self, split: str, unit: int, which: Sequence[int]) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        """The unit's arrays for each store in which, and its tokens (rows,): every full window,
+        batch_windows at a time, one teacher pass for all those stores.
 
         Rows after the last full window (the end of a split) stay invalid. A failing batch raises
         UnitFailed naming the split, unit and windows.
         """
-        spec, W, bw = self.store.spec, self.store.spec.window, self.job.batch_windows
-        _, start, stop = self.store.units(split)[unit]
-        arrays, parts, n_win = empty_arrays(spec, stop - start), [], (stop - start) // W
+        W, bw, probes = self.store.spec.window, self.batch_windows, [self.probes[i] for i in which]
+        _, start, stop = self.store.units(split)[unit]  # the same rows in every store (run_extracts checks)
+        arrays, parts, n_win = [empty_arrays(self.stores[i].spec, stop - start) for i in which], [], (stop - start) // W
         for b in range(0, n_win, bw):
             e = min(b + bw, n_win)
             try:
                 toks = self.tokens.tokens(split)[start + b * W : start + e * W]
                 win = torch.from_numpy(toks.astype(np.int64)).view(e - b, W).to(self.device)  # (e-b, W)
-                labels = attribute(self.teacher, self.sae, self.job.layer, self.job.location, win, k=spec.k,
-                                   sae_k=spec.sae_k, teacher_k=spec.teacher_k, selection=self.job.selection)
+                labels = attribute_many(self.teacher, probes, win)
             except Exception as ex:  # anything at all: say where it happened, keep the cause
                 where = _windows(start // W + b, start // W + e - 1)
                 raise UnitFailed(f"{split} unit {unit}, {where}: {_one_line(ex)}") from ex
-            _fill(arrays, labels, b * W, e * W)
+            for out, lab in zip(arrays, labels, strict=True):
+                _fill(out, lab, b * W, e * W)
             parts.append(toks)
         parts.append(self.tokens.tokens(split)[start + n_win * W : stop])
         return arrays, np.concatenate(parts)
 
-    def run(self, split: str, unit: int) -> dict:
-        """Label one unit and write it: data first, then its completion record."""
-        t0 = time.perf_counter()
-        arrays, toks = self.label(split, unit)
-        record = self.store.write_unit(split, unit, arrays, toks, seconds=time.perf_counter() - t0)
-        return {"split": split, "unit": unit, "rows": len(toks), "valid": record["valid"],
-                "seconds": record["seconds"]}
+    def label(self, split: str, unit: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The first store's arrays of the unit, and its tokens: what a one-store worker labels."""
+        (arrays,), toks = self.labels(split, unit, (0,))
+        return arrays, toks
+
+    def run(self, split: str, unit: int, which: Sequence[int] | None = None) -> dict:
+        """Label one unit for the stores in which (None: all) and write each store's unit: data first,
+        then its completion record. A store written before a failure keeps its unit."""
+        t0, which = time.perf_counter(), tuple(range(len(self.stores))) if which is None else tuple(which)
+        arrays, toks = self.labels(split, unit, which)
+        valid = [self.stores[i].write_unit(split, unit, a, toks, seconds=time.perf_counter() - t0)["valid"]
+                 for i, a in zip(which, arrays, strict=True)]
+        return {"split": split, "unit": unit, "stores": which, "rows": len(toks), "valid": valid,
+                "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -319,26 +348,81 @@ def run_extract(cfg: ExtractConfig) -> dict:
     Raises UserError for bad input (before anything is written), UnitsFailed when some units failed
     (the others are written and recorded; a rerun finishes the rest).
     """
-    tokens = TokenStore.open(cfg.tokens)
-    spec, split_tokens = plan(cfg, tokens)
-    store = open_store(cfg.out, spec, split_tokens)
-    with _locked(Path(cfg.out) / ".lock", blocking=False):
-        recheck_units(store)
-        missing = store.missing_units()
-        summary = {"fingerprint": store.fingerprint, "path": str(cfg.out), "units_run": 0,
-                   "units_total": sum(len(store.units(s)) for s in split_tokens), "tokens": 0, "seconds": 0.0}
-        if not missing:
-            return summary
-        device = resolve_device(cfg)
-        store.manifest["provenance"] = _provenance(cfg, device)
+    return run_extracts([cfg])[0]
+
+
+def run_extracts(cfgs: Sequence[ExtractConfig]) -> list[dict]:
+    """Label every unit that any of several label stores lacks, from one teacher pass per batch for
+    all of them, and write it to the stores that lack it; a summary dict per store, in cfgs' order.
+
+    cfgs: one per store, each what a one-store extraction of it would take; they agree on SHARED.
+    Raises as run_extract; every store is planned (and every mistake found) before any is created.
+    """
+    check_shared(cfgs)
+    tokens = TokenStore.open(cfgs[0].tokens)
+    plans = [_plan_named(cfg, tokens, len(cfgs) > 1) for cfg in cfgs]
+    stores: list = [None] * len(cfgs)
+    # reopen the stores already there first: one holding another label set is refused before any is created
+    for i in sorted(range(len(cfgs)), key=lambda i: not Path(cfgs[i].out).exists()):
+        stores[i] = open_store(cfgs[i].out, *plans[i])
+    with ExitStack() as locks:
+        for cfg in sorted(cfgs, key=lambda cfg: Path(cfg.out).resolve()):  # one fixed order for every run
+            locks.enter_context(_locked(Path(cfg.out) / ".lock", blocking=False))
+        for store in stores:
+            recheck_units(store)
+        lacking = lacking_units(stores)
+        summaries = [{"fingerprint": store.fingerprint, "path": str(cfg.out), "units_run": 0,
+                      "units_total": sum(len(store.units(s)) for s in plans[0][1]), "tokens": 0, "seconds": 0.0}
+                     for cfg, store in zip(cfgs, stores, strict=True)]
+        if not lacking:
+            return summaries
+        device, writes = resolve_device(cfgs[0]), sorted({i for *_, which in lacking for i in which})
+        for i in writes:  # stores with nothing to do keep their manifest untouched
+            stores[i].manifest["provenance"] = _provenance(cfgs[i], device)
         t0 = time.perf_counter()
-        done, failures = run_units(cfg, store, missing, device)
-        store.consolidate()
-        summary |= {"units_run": len(done), "tokens": sum(r["rows"] for r in done),
-                    "seconds": time.perf_counter() - t0}
+        done, failures = run_units(cfgs, stores, lacking, device)
+        seconds = time.perf_counter() - t0
+        for i in writes:
+            stores[i].consolidate()
+            mine = [r for r in done if i in r["stores"]]
+            summaries[i] |= {"units_run": len(mine), "tokens": sum(r["rows"] for r in mine), "seconds": seconds}
     if failures:
-        raise UnitsFailed(failures, len(missing))
-    return summary
+        raise UnitsFailed(failures, len(lacking))
+    return summaries
+
+
+def check_shared(cfgs: Sequence[ExtractConfig]) -> None:
+    """UserError unless the stores have distinct folders and agree on SHARED."""
+    if not cfgs:
+        raise UserError("no label store to write: give at least one --out")
+    outs = [Path(cfg.out).resolve() for cfg in cfgs]
+    if dup := next((cfg.out for cfg, out in zip(cfgs, outs, strict=True) if outs.count(out) > 1), None):
+        raise UserError(f"--out {dup} is given twice: each label store needs its own folder")
+    for name in SHARED:
+        if len({getattr(cfg, name) for cfg in cfgs}) > 1:
+            raise UserError(f"the stores of one extraction must share {name}; "
+                            f"got {', '.join(str(getattr(cfg, name)) for cfg in cfgs)}")
+
+
+def _plan_named(cfg: ExtractConfig, tokens: TokenStore, several: bool) -> tuple[LabelSpec, dict[str, int]]:
+    """plan(cfg), its mistakes naming the store they concern when there are several."""
+    if not several:
+        return plan(cfg, tokens)
+    try:
+        return plan(cfg, tokens)
+    except UserError as e:
+        raise UserError(f"--out {cfg.out}: {e}") from None
+
+
+def lacking_units(stores: Sequence[LabelStore]) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(split, unit, the indices of the stores that lack it) for every unit some store lacks."""
+    first, out = stores[0], []
+    for split in first.manifest["splits"]:
+        for unit, _, _ in first.units(split):
+            which = tuple(i for i, store in enumerate(stores) if not store.is_complete(split, unit))
+            if which:
+                out.append((split, unit, which))
+    return out
 
 
 def recheck_units(store: LabelStore) -> list[tuple[str, int]]:
@@ -357,20 +441,23 @@ def recheck_units(store: LabelStore) -> list[tuple[str, int]]:
     return broken
 
 
-def run_units(cfg: ExtractConfig, store: LabelStore, units: list[tuple[str, int]],
-              device: str) -> tuple[list[dict], list[str]]:
-    """Run units on a pool of Ray actors, each fed its next unit as soon as it is free."""
+def run_units(cfgs: Sequence[ExtractConfig], stores: Sequence[LabelStore],
+              units: list[tuple[str, int, tuple[int, ...]]], device: str) -> tuple[list[dict], list[str]]:
+    """Run units (split, unit, stores to write) on a pool of Ray actors, each fed its next unit as soon
+    as it is free."""
     import ray
     from tqdm import tqdm
 
+    cfg, store = cfgs[0], stores[0]  # the stores' units cover the same rows
     started = not ray.is_initialized()
     if started:
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
     try:
-        actors = _start_actors(cfg, store, device)
-        spans = {s: store.units(s) for s in {s for s, _ in units}}
-        bar = tqdm(total=sum(spans[s][u][2] - spans[s][u][1] for s, u in units), unit="tok", unit_scale=True,
-                   disable=not cfg.progress, file=sys.stderr, desc=f"labels {store.fingerprint[:12]}")
+        actors = _start_actors(cfgs, device)
+        spans = {s: store.units(s) for s in {s for s, *_ in units}}
+        desc = f"labels {store.fingerprint[:12]}" if len(stores) == 1 else f"labels of {len(stores)} stores"
+        bar = tqdm(total=sum(spans[s][u][2] - spans[s][u][1] for s, u, _ in units), unit="tok", unit_scale=True,
+                   disable=not cfg.progress, file=sys.stderr, desc=desc)
         with bar:
             return _schedule(actors, units, bar)
     finally:
@@ -378,9 +465,11 @@ def run_units(cfg: ExtractConfig, store: LabelStore, units: list[tuple[str, int]
             ray.shutdown()
 
 
-def _start_actors(cfg: ExtractConfig, store: LabelStore, device: str) -> list:
+def _start_actors(cfgs: Sequence[ExtractConfig], device: str) -> list:
+    """cfg.workers actors, each labelling for every store of cfgs."""
     import ray
 
+    cfg = cfgs[0]
     resources = ray.cluster_resources()
     if device == "cuda":
         if cfg.workers > resources.get("GPU", 0):
@@ -392,23 +481,24 @@ def _start_actors(cfg: ExtractConfig, store: LabelStore, device: str) -> list:
         cpus = max(1, int(resources["CPU"]) // cfg.workers)
         threads = cfg.threads or cpus
     teacher = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).is_dir() else cfg.teacher  # workers' cwd differs
-    job = UnitJob(tokens=str(Path(cfg.tokens).resolve()), out=str(Path(cfg.out).resolve()), teacher=teacher,
-                  sae=str(Path(cfg.sae).resolve()), layer=cfg.layer, location=cfg.location,
-                  batch_windows=cfg.batch_windows, device=device, threads=threads, selection=cfg.selection)
+    jobs = [UnitJob(tokens=str(Path(cfg.tokens).resolve()), out=str(Path(c.out).resolve()), teacher=teacher,
+                    sae=str(Path(c.sae).resolve()), layer=c.layer, location=c.location,
+                    batch_windows=cfg.batch_windows, device=device, threads=threads, selection=c.selection)
+            for c in cfgs]
     # A dead worker is restarted (teacher and SAE reloaded) and its unit retried: units are idempotent.
     actor = ray.remote(ExtractWorker).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
                                               max_restarts=2, max_task_retries=2)
-    return [actor.remote(job) for _ in range(cfg.workers)]
+    return [actor.remote(*jobs) for _ in range(cfg.workers)]
 
 
-def _failure(unit: tuple[str, int], e: Exception) -> str:
+def _failure(unit: tuple, e: Exception) -> str:
     cause = getattr(e, "cause", None) or e  # ray.get re-raises a worker's exception wrapped in RayTaskError
     if isinstance(cause, UnitFailed | UserError):
         return str(cause)
     return f"{unit[0]} unit {unit[1]}: {_one_line(cause)}"
 
 
-def _schedule(actors: list, units: list[tuple[str, int]], bar) -> tuple[list[dict], list[str]]:
+def _schedule(actors: list, units: list[tuple[str, int, tuple[int, ...]]], bar) -> tuple[list[dict], list[str]]:
     """Feed units to idle actors; a failed unit is reported and the rest go on. Dead actors leave the pool."""
     import ray
     from ray.exceptions import RayActorError
@@ -420,7 +510,7 @@ def _schedule(actors: list, units: list[tuple[str, int]], bar) -> tuple[list[dic
             actor, unit = idle.pop(), queue.pop()
             running[actor.run.remote(*unit)] = (actor, unit)
         if not running:  # every actor died: nothing can run the rest
-            failures += [f"{s} unit {u}: not run, no live workers left" for s, u in queue]
+            failures += [f"{s} unit {u}: not run, no live workers left" for s, u, _ in queue]
             break
         [ref], _ = ray.wait(list(running), num_returns=1)
         actor, unit = running.pop(ref)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.attribution import SELECTIONS, active_attribution, attribute
+from pipeline.attribution import SELECTIONS, Probe, active_attribution, attribute, attribute_many
 from sae import SAEConfig, TopKSAE, save_sae
 
 LAYER = 1
@@ -249,3 +249,45 @@ def test_activation_selection_is_the_sae_top_k(case):
 def test_unknown_selection_refused():
     with pytest.raises(ValueError, match="choose one of signed, negated, absolute, activation"):
         attribute(tiny_gpt2(), tiny_sae(), LAYER, "resid_post_mlp", windows(), selection="largest")
+
+
+# -- several label sets from one teacher pass --------------------------------------------------------
+
+
+def test_one_pass_for_several_probes_equals_each_alone(monkeypatch):
+    """Two layers with two SAEs, a second selection and a second k on one of them, hooks at other
+    locations (layer 0's resid_post_attn, below all the others): from one forward and one
+    torch.autograd.grad, each probe's labels equal `attribute` run for it alone, bit for bit."""
+    teacher, win = tiny_gpt2(), windows()
+    a, b = tiny_sae(normalize="layer_norm"), tiny_sae(seed=5)
+    probes = [Probe(a, 1, "resid_post_mlp", sae_k=8, teacher_k=5), Probe(b, 2, "resid_post_mlp"),
+              Probe(a, 1, "resid_post_mlp", selection="negated"), Probe(a, 1, "resid_post_mlp", k=2),
+              Probe(b, 0, "resid_post_attn", selection="absolute"), Probe(a, 2, "resid_delta_mlp", teacher_k=3)]
+    calls = {"forward": 0, "grad": 0}
+    handle = teacher.register_forward_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+    grad = torch.autograd.grad
+
+    def counted(outputs, inputs, *args, **kwargs):
+        calls["grad"] += 1
+        return grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    many = attribute_many(teacher, probes, win)
+    handle.remove()
+    monkeypatch.undo()
+    assert calls == {"forward": 1, "grad": 1}
+    for p, got in zip(probes, many, strict=True):
+        alone = attribute(teacher, p.sae, p.layer, p.location, win, k=p.k, sae_k=p.sae_k, teacher_k=p.teacher_k,
+                          selection=p.selection)
+        for name in alone._fields:
+            want, have = getattr(alone, name), getattr(got, name)
+            assert (want is None and have is None) or torch.equal(want, have), (p.layer, p.location, name)
+    # the probes really differ, and the lowest hook got its gradient through the hooks above it
+    assert not torch.equal(many[0].ids, many[1].ids) and not torch.equal(many[0].ids, many[2].ids)
+    assert many[3].ids.shape[-1] == 2 and (many[4].scores[:, :-1] > 0).all()
+
+
+def test_several_probes_refuse_like_one():
+    with pytest.raises(ValueError, match="k=4 labels cannot exceed the SAE's 3 active latents"):
+        attribute_many(tiny_gpt2(), [Probe(tiny_sae(), 1, "resid_post_mlp"), Probe(tiny_sae(k=3), 2, "resid_post_mlp")],
+                       windows())

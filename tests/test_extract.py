@@ -153,7 +153,7 @@ def test_worker_killed_mid_unit_is_retried_with_same_bytes(job):
     store.record_path("train", 0).unlink()
     cfg = ExtractConfig(tokens=job / "tokens", teacher=str(job / "teacher"), sae=job / "sae", layer=1, out=out,
                         window=WINDOW, batch_windows=2, chunk_windows=3, threads=1)
-    [actor] = _start_actors(cfg, store, "cpu")
+    [actor] = _start_actors([cfg], "cpu")
     first_pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
     ref = actor.run.remote("train", 0)
     ray.kill(actor, no_restart=False)  # the worker process dies with the unit in flight; restart allowed
