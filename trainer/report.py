@@ -279,6 +279,7 @@ def plot(groups: dict[str, list[Run]], out: Path) -> None:
     panels = [None, *source_names(groups)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, source in zip(axes[0], panels, strict=True):
+        late = []  # the curves past the first fifth of training: the y range worth seeing
         for i, (name, runs) in enumerate(groups.items()):
             curves = seed_curves(runs, source)
             if curves is None:
@@ -288,6 +289,10 @@ def plot(groups: dict[str, list[Run]], out: Path) -> None:
             ax.plot(grid / 1e6, losses.mean(0), color=color, label=f"{name} (n={len(losses)})")
             if len(losses) > 1:
                 ax.fill_between(grid / 1e6, losses.min(0), losses.max(0), color=color, alpha=0.2, lw=0)
+            late.append(losses[:, grid >= 0.2 * grid[-1]])
+        if late and all(x.size for x in late):  # the first evals (near ln V) would flatten the differences
+            lo, hi = min(x.min() for x in late), max(x.max() for x in late)
+            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
         ax.set_title("all validation tokens" if source is None else f"source: {source}")
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel("validation loss (nats)")
