@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 D, LAYERS, HOOK, HEADS, VOCAB, CONTEXT = 128, 12, 5, 4, 8192, 128
 LATENTS, SAE_K, K, BATCH = 43 * D, 32, 4, 8
@@ -75,27 +74,9 @@ def build(work: Path):
 
 def dense_reference(teacher, sae, windows):
     """What the paper's code computes: parameter gradients, the whole backward, dense attributions."""
-    seen = {}
+    from bench.rehearsal import dense_reference as reference
 
-    def keep(module, args, out):  # the block's output, with its gradient retained
-        seen["h"] = out[0] if isinstance(out, tuple) else out
-        seen["h"].retain_grad()
-
-    teacher.requires_grad_(True)
-    handle = teacher.transformer.h[HOOK].register_forward_hook(keep)
-    try:
-        logits = teacher(input_ids=windows, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
-        loss.backward()
-        h, g = seen["h"].detach().flatten(0, 1), seen["h"].grad.flatten(0, 1)  # (N, d)
-        with torch.no_grad():
-            enc = sae.encode(h)
-            latents = torch.zeros(h.shape[0], LATENTS).scatter_(-1, enc.indices, enc.values)  # (N, latents)
-            return (latents * (g @ sae.W_dec.T)).topk(K, dim=-1)
-    finally:
-        handle.remove()
-        teacher.zero_grad(set_to_none=True)
-        teacher.requires_grad_(False)
+    return reference(teacher, sae, HOOK, windows, K)
 
 
 def kernel_vs_dense(teacher, hf_teacher, sae, repeats: int) -> tuple[float, float]:
