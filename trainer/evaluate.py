@@ -75,17 +75,24 @@ def val_loss(model: torch.nn.Module, data: WindowData, n_windows: int, batch_siz
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
+def torch_device(name: str, option: str = "--device", use_cpu: str = "--device cpu") -> torch.device:
+    """A user's device name -> torch.device; a name torch does not know, or CUDA where there is none, is one
+    line naming the option (`option`) and what to pass instead (`use_cpu`)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{option} {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option} cuda but no CUDA device is available: use {use_cpu}")
+    return dev
+
+
 def evaluate(checkpoint: Path, tokens: Path, split: str = "val", max_windows: int | None = None,
              batch_size: int = 8, device: str = "cpu") -> dict:
     """Val loss and perplexity of a checkpoint (or a run folder's latest) on a token store's split."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available: use --device cpu")
+    dev = torch_device(device)
     ckpt = resolve(checkpoint)
     model, meta = load_model(ckpt)
     ts = TokenStore.open(tokens)

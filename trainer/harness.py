@@ -35,20 +35,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from storage_schemas import UserError, tokenizer_fingerprint
 from trainer.checkpoint import load_model, resolve
 from trainer.downstream import TASKS_DIR
+from trainer.evaluate import torch_device
 from trainer.scoring import generate_tokens, score_pairs
 
 DEFAULT_BATCH = 16
 SAMPLING_KEYS = {"do_sample", "temperature", "top_k"}  # beyond `until` and `max_gen_toks`
-
-
-def torch_device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda but no CUDA device is available: use device=cpu")
-    return dev
 
 
 def batch_size_of(value: int | str | None, max_batch_size: int | None) -> int:
@@ -90,7 +81,7 @@ class CocomixLM(TemplateLM):
                             f"(it takes checkpoint, device, batch_size, tokenizer)")
         self.ckpt = resolve(Path(checkpoint))
         model, self.meta = load_model(self.ckpt)
-        self._device = torch_device(device)
+        self._device = torch_device(device, "device", "device=cpu")
         self.model = model.to(self._device).eval()
         self.tokenizer = load_tokenizer(self.meta, tokenizer, self.ckpt)
         self.batch_size = batch_size_of(batch_size, max_batch_size)
