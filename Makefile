@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study study-keep gpu-check teacher sae clean
+.PHONY: setup test test-fast lint demo bench tokens extract-concepts train students downstream tasks study study-report study-keep gpu-check teacher sae clean
 
 setup: $(VENV)/.installed
 
@@ -114,22 +114,30 @@ tasks: setup
 
 # ---- the study (not part of `make test` or `make demo`): every arm x seed, resumable ----------------------
 # `make study` prints its plan (arms x seeds, tokens, estimated hours) and runs what is not finished yet;
-# kill it and run it again to resume. STUDY_OUT outside the work tree keeps it across fresh checkouts.
+# kill it and run it again to resume. Each finished run's config, metrics and run.json are copied to
+# STUDY_KEEP (data/study, in the repository) with the report over them; commit that folder and a fresh
+# checkout's `make study` trains only the runs it lacks. STUDY_HOURS=H starts no run that would end past
+# H hours (a session or machine with a deadline).
 STUDY_OUT    ?= out/study
+STUDY_KEEP   ?= data/study
 STUDY_SEEDS  ?= 3
 STUDY_TOKENS ?= 2760000
 STUDY_ARMS   ?=
+STUDY_HOURS  ?=
 study: setup
-	$(COCOMIX) study --out $(STUDY_OUT) --seeds $(STUDY_SEEDS) --student-tokens $(STUDY_TOKENS) \
-	  --teacher $(TEACHER) --sae $(SAE) --layer $(LAYER) --window $(WINDOW) $(if $(STUDY_ARMS),--arms $(STUDY_ARMS))
+	$(COCOMIX) study --out $(STUDY_OUT) --keep $(STUDY_KEEP) --seeds $(STUDY_SEEDS) --student-tokens $(STUDY_TOKENS) \
+	  --teacher $(TEACHER) --sae $(SAE) --layer $(LAYER) --window $(WINDOW) $(if $(STUDY_ARMS),--arms $(STUDY_ARMS)) \
+	  $(if $(STUDY_HOURS),--hours $(STUDY_HOURS))
 
-# The small files of every finished study run (config.json, metrics.jsonl, run.json) and their report, kept in
-# the repository (data/study) so that the README's study table can be rebuilt with `cocomix compare`.
-STUDY_KEEP ?= data/study
+# the report over the kept runs alone (what the README's study table is made from)
+study-report: setup
+	$(COCOMIX) compare $(STUDY_KEEP)/runs/*/ --out $(STUDY_KEEP)/report
+
+# copies the finished runs of a study folder run without a keep folder (older studies), then the report
 study-keep: setup
 	@for f in $(STUDY_OUT)/runs/*/run.json; do d=$$(dirname $$f); n=$$(basename $$d); \
 	  mkdir -p $(STUDY_KEEP)/runs/$$n && cp $$d/config.json $$d/metrics.jsonl $$d/run.json $(STUDY_KEEP)/runs/$$n/; done
-	$(COCOMIX) compare $(STUDY_KEEP)/runs/*/ --out $(STUDY_KEEP)/report
+	$(MAKE) --no-print-directory study-report
 
 # ---- one GPU (not part of make bench): the figures `cocomix plan` needs, measured; about 5 minutes ----------
 # `make setup` pins the CPU torch wheel: on a GPU machine install torch 2.13 for CUDA first. Without a GPU the

@@ -25,6 +25,9 @@ def study(
     jobs: int = typer.Option(2, help="Processes at a time, one thread each."),
     eval_interval: int = typer.Option(48, help="Steps between evaluations on the whole validation split."),
     sets: list[str] = typer.Option([], "--set", help="key=value TrainConfig override for every student."),
+    keep: Path | None = typer.Option(None, help="Folder that receives each finished run's config, metrics and "
+                                     "run.json (and the report); its runs that match the plan count as finished."),
+    hours: float | None = typer.Option(None, help="Start no job that would end past this many hours from now."),
     plan: bool = typer.Option(False, "--plan", help="Print the plan (and what is done) and stop."),
 ) -> None:
     """Train every arm x seed on shared label stores and compare them; rerun to resume."""
@@ -34,7 +37,7 @@ def study(
                       teacher=teacher,
                       sae=sae, layer=layer, window=window, preset=preset, jobs=jobs, eval_interval=eval_interval,
                       arms=tuple(a.strip() for a in arms.split(",") if a.strip()) if arms else tuple(ARMS),
-                      sets=tuple(sets), plan_only=plan)
+                      sets=tuple(sets), keep=keep, hours=hours, plan_only=plan)
     report, failures = run_study(cfg)
     for line in failures:
         typer.echo(f"error: {line}", err=True)

@@ -9,6 +9,12 @@ study is finished by running the same command again:
     <out>/runs/<arm>-seed<s>.log
     <out>/report/                `cocomix compare` over every finished run
 
+With a keep folder (`make study`: data/study, in the repository), each finished run's small files
+(config.json, metrics.jsonl, run.json) are copied to <keep>/runs/<arm>-seed<s>/ as it finishes, and a
+kept run whose config and input fingerprints equal the planned run's counts as finished. A study thus
+spans machines and fresh checkouts: commit the keep folder, and the next checkout trains only what is
+missing (label stores are re-extracted when a missing run needs them; they are deterministic).
+
 Arms (every one on the same token store, seeds and budget; the labels come from the same teacher pass
 settings, so the arms differ only in what they name):
     ntp, ntp-wide          next-token prediction; ntp-wide widened to CoCoMix's parameter count
@@ -97,9 +103,16 @@ class StudyConfig:
     """Teacher top-K log-probabilities stored with the signed labels (the KD arm)."""
     sets: tuple[str, ...] = ()
     """TrainConfig overrides for every student (e.g. a smaller model for a quick check)."""
+    keep: Path | None = None
+    """Folder that receives each finished run's small files, and whose matching runs count as finished."""
+    hours: float | None = None
+    """Start no job whose estimated time would end past this many hours from now (a machine or session
+    with a deadline); the rest is left for the next run of the same command."""
     plan_only: bool = False
 
     def __post_init__(self):
+        if self.hours is not None and self.hours <= 0:
+            raise UserError("--hours must be positive")
         if self.seeds < 1 or self.student_tokens < 1 or self.jobs < 1 or self.eval_interval < 1:
             raise UserError("--seeds, --student-tokens, --jobs and --eval-interval must be positive")
         unknown = [a for a in self.arms if a not in ARMS]
@@ -117,6 +130,22 @@ class Job:
     """The file that exists once the job has finished (a store's manifest, a run's run.json)."""
     hours: float
     needs: list[str] = field(default_factory=list)
+    kept: bool = False
+    """Finished elsewhere: its kept copy matches this job (a run only)."""
+    keep: Path | None = None
+    """Where a run's small files are copied once it finishes."""
+    store: bool = False
+    """`done` is a label store's manifest, which exists from the store's first moment: the job has
+    finished when every unit is written."""
+
+    def finished(self) -> bool:
+        if self.kept:
+            return True
+        if self.store and self.done.exists():
+            from storage_schemas import LabelStore
+
+            return LabelStore.open(self.done.parent).complete
+        return self.done.exists()
 
 
 def cocomix_argv(*args) -> list[str]:
@@ -159,68 +188,138 @@ def wide_width(cfg: StudyConfig, vocab_size: int, n_concepts: int) -> int:
     return min(widths, key=lambda w: abs(params(replace(base, mode="ntp", n_embd=w)) - target))
 
 
-def train_argv(cfg: StudyConfig, arm: Arm, seed: int, wide: int, val_windows: int) -> list[str]:
-    out = cfg.out / "runs" / run_name(arm.name, seed)
+def train_sets(cfg: StudyConfig, arm: Arm, wide: int, val_windows: int) -> list[str]:
     sets = [f"block_size={cfg.window}", *cfg.sets, f"eval_interval={cfg.eval_interval}",
             f"eval_windows={val_windows}", "threads=1", "ckpt_interval=100", *arm.sets]
-    if arm.name == "ntp-wide":
-        sets.append(f"n_embd={wide}")
+    return sets + [f"n_embd={wide}"] if arm.name == "ntp-wide" else sets
+
+
+def train_argv(cfg: StudyConfig, arm: Arm, seed: int, wide: int, val_windows: int) -> list[str]:
+    out = cfg.out / "runs" / run_name(arm.name, seed)
     labels = ["--labels", cfg.out / "labels" / arm.selection] if arm.selection else []
     return cocomix_argv("train", "--preset", cfg.preset, "--mode", arm.mode, "--tokens", cfg.out / "tokens", *labels,
                         "--max-tokens", cfg.student_tokens, "--seed", seed, "--out", out,
-                        *[x for s in sets for x in ("--set", s)])
+                        *[x for s in train_sets(cfg, arm, wide, val_windows) for x in ("--set", s)])
+
+
+# config.json keys a kept run may differ in: where its stores lay (the fingerprints say what they held) and
+# what train reads from them (the vocabulary, the SAE's width: pinned by the same fingerprints)
+UNCOMPARED = ("out", "tokens", "labels", "vocab_size", "n_concepts")
+
+
+def planned_config(cfg: StudyConfig, arm: Arm, seed: int, wide: int, val_windows: int) -> dict:
+    """The config.json `cocomix train` writes for the job, less UNCOMPARED."""
+    from trainer.config import build_config, parse_sets
+
+    tc = build_config(cfg.preset, None, {"mode": arm.mode, "max_tokens": cfg.student_tokens, "seed": seed,
+                                         **parse_sets(train_sets(cfg, arm, wide, val_windows))})
+    return {k: v for k, v in json.loads(json.dumps(tc.to_json())).items() if k not in UNCOMPARED}
+
+
+def kept_matches(run: Path, config: dict, fingerprints: dict) -> bool:
+    """A kept run is the planned one: the same config and the same token and label stores."""
+    try:
+        kept_cfg = json.loads((run / "config.json").read_text())
+        info = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ({k: v for k, v in kept_cfg.items() if k not in UNCOMPARED} == config
+            and all(info.get(k) == v for k, v in fingerprints.items()))
+
+
+def keep_run(run: Path, keep: Path) -> None:
+    """Copy a finished run's small files to keep/<name> (a temporary folder renamed in place)."""
+    import shutil
+
+    dest = keep / run.name
+    tmp = keep / f".{run.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "run.json"):
+        shutil.copy2(run / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def extract_config(cfg: StudyConfig, selection: str):
+    from pipeline.extract import ExtractConfig
+
+    return ExtractConfig(tokens=cfg.out / "tokens", teacher=cfg.teacher, sae=cfg.sae, layer=cfg.layer,
+                         out=cfg.out / "labels" / selection, window=cfg.window, selection=selection,
+                         teacher_topk=cfg.teacher_topk if selection == "signed" and "kd" in cfg.arms else None,
+                         workers=cfg.jobs, threads=1, progress=False)
 
 
 def extract_argv(cfg: StudyConfig, selection: str) -> list[str]:
-    kd = ["--store-teacher-topk", cfg.teacher_topk] if selection == "signed" and "kd" in cfg.arms else []
-    return cocomix_argv("extract", "--tokens", cfg.out / "tokens", "--teacher", cfg.teacher, "--sae", cfg.sae,
-                        "--layer", cfg.layer, "--window", cfg.window, "--select", selection, *kd,
-                        "--workers", cfg.jobs, "--threads", 1, "--no-progress",
-                        "--out", cfg.out / "labels" / selection)
+    e = extract_config(cfg, selection)
+    kd = ["--store-teacher-topk", e.teacher_topk] if e.teacher_topk else []
+    return cocomix_argv("extract", "--tokens", e.tokens, "--teacher", e.teacher, "--sae", e.sae, "--layer", e.layer,
+                        "--window", e.window, "--select", e.selection, *kd, "--workers", e.workers,
+                        "--threads", e.threads, "--no-progress", "--out", e.out)
+
+
+def label_fingerprints(cfg: StudyConfig, tokens) -> dict[str, str]:
+    """Each label store's fingerprint, known before it is extracted (what kept runs are checked against)."""
+    from pipeline.extract import plan
+
+    return {sel: plan(extract_config(cfg, sel), tokens)[0].fingerprint for sel in selections(cfg)}
 
 
 def measured_hours(cfg: StudyConfig, arm: Arm) -> float:
-    """Hours one run of the arm takes: from the study's finished runs of it when there are any (their wall
-    time, evaluations included), else from the arm's single-thread rate plus a tenth for evaluation."""
+    """Hours one run of the arm takes: from the study's finished (or kept) runs of it when there are any
+    (their wall time, evaluations included), else from the arm's single-thread rate plus a tenth for
+    evaluation."""
     times = []
-    for p in (cfg.out / "runs").glob(f"{arm.name}-seed*/run.json"):
+    folders = [cfg.out / "runs"] + ([cfg.keep / "runs"] if cfg.keep else [])
+    for p in {q.parent.name: q for f in folders for q in f.glob(f"{arm.name}-seed*/run.json")}.values():
         info = json.loads(p.read_text())
         if info.get("tokens"):
             times.append(info["elapsed"] * cfg.student_tokens / info["tokens"])
     return (sum(times) / len(times) if times else 1.1 * cfg.student_tokens / arm.tok_s) / 3600
 
 
-def plan_jobs(cfg: StudyConfig, n_tokens: int, wide: int, val_windows: int) -> list[Job]:
-    """Every job of the study in start order (finished ones included; the runner skips them)."""
+def plan_jobs(cfg: StudyConfig, n_tokens: int, wide: int, val_windows: int,
+              fingerprints: dict[str, str | None] | None = None) -> list[Job]:
+    """Every job of the study in start order (finished ones included; the runner skips them). With
+    `fingerprints` ({"tokens": .., selection: ..}) and a keep folder, kept runs that match are finished,
+    and a label store no unfinished run needs is left out."""
     jobs, sels = [], selections(cfg)
 
     def extraction(sel: str) -> Job:
         store = cfg.out / "labels" / sel
         return Job(f"labels/{sel}", extract_argv(cfg, sel), cfg.out / "labels" / f"{sel}.log", cfg.jobs,
-                   store / "manifest.json", n_tokens / EXTRACT_TOK_S / 3600 * 2 / cfg.jobs)
+                   store / "manifest.json", n_tokens / EXTRACT_TOK_S / 3600 * 2 / cfg.jobs, store=True)
+
+    def training(name: str, seed: int) -> Job:
+        arm, run = ARMS[name], cfg.out / "runs" / run_name(name, seed)
+        job = Job(run.name, train_argv(cfg, arm, seed, wide, val_windows), run.with_suffix(".log"), 1,
+                  run / "run.json", measured_hours(cfg, arm), [f"labels/{arm.selection}"] if arm.selection else [],
+                  keep=cfg.keep / "runs" if cfg.keep else None)
+        if cfg.keep and fingerprints is not None:
+            expect = {"token_fingerprint": fingerprints["tokens"], "label_fingerprint": fingerprints.get(arm.selection)}
+            job.kept = kept_matches(cfg.keep / "runs" / run.name, planned_config(cfg, arm, seed, wide, val_windows),
+                                    expect)
+        return job
 
     first = [s for s in sels if s == "signed"]
     jobs += [extraction(s) for s in first]
     for i, phase in enumerate(ordered_arms(cfg)):
         if i == len(PHASES) - 1:  # the other selections' stores, just before the arms that use them
             jobs += [extraction(s) for s in sels if s not in first]
-        for seed in range(cfg.seeds):
-            for name in phase:
-                arm, run = ARMS[name], cfg.out / "runs" / run_name(name, seed)
-                jobs.append(Job(run.name, train_argv(cfg, arm, seed, wide, val_windows), run.with_suffix(".log"),
-                                1, run / "run.json", measured_hours(cfg, arm),
-                                [f"labels/{arm.selection}"] if arm.selection else []))
-    return jobs
+        jobs += [training(name, seed) for seed in range(cfg.seeds) for name in phase]
+    needed = {n for j in jobs if not j.finished() for n in j.needs}
+    return [j for j in jobs if j.finished() or not j.name.startswith("labels/") or j.name in needed]
 
 
 def print_plan(cfg: StudyConfig, jobs: list[Job], n_tokens: int, wide: int) -> None:
-    todo = [j for j in jobs if not j.done.exists()]
+    todo = [j for j in jobs if not j.finished()]
     slot_hours = sum(j.hours * j.slots for j in todo)
     print(f"study {cfg.out}: {len(cfg.arms)} arms x {cfg.seeds} seeds, {cfg.student_tokens:,} training tokens per "
           f"student ({cfg.student_tokens / n_tokens:.2f} epochs of {n_tokens:,}); label sets: "
           f"{', '.join(selections(cfg)) or 'none'}" + (f"; ntp-wide n_embd {wide}" if wide else ""))
     for j in jobs:
-        state = "done" if j.done.exists() else ("resume" if (j.done.parent / "checkpoints").is_dir() else "todo")
+        started = j.done.exists() if j.store else (j.done.parent / "checkpoints").is_dir()
+        state = "kept" if j.kept else "done" if j.finished() else "resume" if started else "todo"
         print(f"  {state:6s} {j.name:28s} ~{j.hours * 60:5.0f} min x {j.slots} slot(s)")
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs done; the rest is ~{slot_hours / cfg.jobs:.1f} h on this "
           f"machine ({cfg.jobs} processes at a time)", flush=True)
@@ -234,11 +333,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_jobs(jobs: list[Job], slots: int, poll: float = 2.0) -> list[str]:
-    """Start jobs in order as slots free up (a job waits for the ones it needs); the failures, one line each."""
-    pending = [j for j in jobs if not j.done.exists()]
+BUDGET_MARGIN = 1.15  # runs here vary by about a tenth in wall time with the machine's other load
+
+
+def run_jobs(jobs: list[Job], slots: int, poll: float = 2.0, hours: float | None = None) -> list[str]:
+    """Start jobs in order as slots free up (a job waits for the ones it needs); the failures, one line each.
+
+    With `hours`, a job whose estimate would end past the budget is left for a later run (as are the jobs
+    that need it), and a later, shorter job that fits starts in its place."""
+    end = None if hours is None else time.monotonic() + hours * 3600
+    pending = [j for j in jobs if not j.finished()]
     running: dict[str, tuple[subprocess.Popen, Job]] = {}
     failed: dict[str, str] = {}
+    left: list[str] = []
     while pending or running:
         while pending and sum(j.slots for _, j in running.values()) + min(pending[0].slots, slots) <= slots:
             job = pending[0]
@@ -246,6 +353,10 @@ def run_jobs(jobs: list[Job], slots: int, poll: float = 2.0) -> list[str]:
             if any(n in failed for n in blocked):
                 failed[job.name] = f"{job.name}: not run, {blocked[0]} failed"
                 pending.pop(0)
+                continue
+            if any(n in left for n in job.needs) or (
+                    end is not None and time.monotonic() + job.hours * 3600 * BUDGET_MARGIN > end):
+                left.append(pending.pop(0).name)
                 continue
             if blocked:
                 break
@@ -261,11 +372,15 @@ def run_jobs(jobs: list[Job], slots: int, poll: float = 2.0) -> list[str]:
             if proc.poll() is None:
                 continue
             del running[name]
-            if proc.returncode == 0 and job.done.exists():
+            if proc.returncode == 0 and job.finished():
+                if job.keep:
+                    keep_run(job.done.parent, job.keep)
                 print(f"done  {name}", flush=True)
             else:
                 failed[name] = f"{name}: exit code {proc.returncode}; see {job.log}"
                 print(f"FAIL  {failed[name]}", flush=True)
+    if left:
+        print(f"left for the next run (past the {hours:g} h budget): {', '.join(left)}", flush=True)
     return list(failed.values())
 
 
@@ -296,18 +411,23 @@ def run_study(cfg: StudyConfig) -> tuple[Path | None, list[str]]:
         ts = TokenStore.open(cfg.out / "tokens")
         val_windows = ts.num_windows("val", cfg.window)
         wide = wide_width(cfg, ts.vocab_size, load_sae(cfg.sae).cfg.n_latents) if "ntp-wide" in cfg.arms else 0
-        jobs = plan_jobs(cfg, ts.num_tokens("train") + ts.num_tokens("val"), wide, val_windows)
+        fingerprints = {"tokens": ts.fingerprint, **label_fingerprints(cfg, ts)} if cfg.keep else None
+        jobs = plan_jobs(cfg, ts.num_tokens("train") + ts.num_tokens("val"), wide, val_windows, fingerprints)
+        for j in jobs:  # finished here before there was a keep folder (or before it was committed)
+            if j.keep and not j.kept and j.finished():
+                keep_run(j.done.parent, j.keep)
         print_plan(cfg, jobs, ts.num_tokens("train"), wide)
         if cfg.plan_only:
             return None, []
         t0 = time.perf_counter()
-        failures = run_jobs(jobs, cfg.jobs)
-        runs = sorted(p.parent for p in (cfg.out / "runs").glob("*/run.json"))
+        failures = run_jobs(jobs, cfg.jobs, hours=cfg.hours)
+        home = cfg.keep or cfg.out
+        runs = sorted(p.parent for p in (home / "runs").glob("*/run.json"))
         report = None
         if runs:
             from trainer.report import compare
 
-            report = compare(runs, cfg.out / "report")
+            report = compare(runs, home / "report")
             print(f"report: {report} ({len(runs)} runs)")
         print(f"this pass took {(time.perf_counter() - t0) / 3600:.2f} h")
         return report, failures

@@ -40,6 +40,15 @@ def test_a_job_that_exits_0_without_its_output_is_a_failure(tmp_path):
         f"quiet: exit code 0; see {tmp_path / 'quiet.log'}"]
 
 
+def test_a_budget_leaves_jobs_that_would_end_past_it_and_their_dependents(tmp_path, capsys):
+    long = sh("labels/long", "touch {done}", tmp_path, slots=2)
+    long.hours = 5.0
+    jobs = [long, sh("uses-long", "touch {done}", tmp_path, needs=["labels/long"]), sh("short", "touch {done}", tmp_path)]
+    assert run_jobs(jobs, slots=2, poll=0.05, hours=1.0) == []
+    assert [j.name for j in jobs if j.done.exists()] == ["short"]  # the shorter job after it still ran
+    assert "left for the next run (past the 1 h budget): labels/long, uses-long" in capsys.readouterr().out
+
+
 def test_ntp_wide_matches_the_cocomix_parameter_count():
     from dataclasses import replace
 
@@ -87,8 +96,9 @@ def toy_assets(tmp_path_factory):
     return r
 
 
-def study_argv(r: Path, out: Path) -> list[str]:
+def study_argv(r: Path, out: Path, keep: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "study", "--out", str(out), "--corpus", str(r / "corpus"),
+            *(["--keep", str(keep)] if keep else []),
             "--val-fraction", "0.25",
             "--teacher", str(r / "teacher"), "--sae", str(r / "sae"), "--layer", "0", "--window", "64",
             "--seeds", "2", "--student-tokens", "8192", "--eval-interval", "4", "--arms", "ntp,ntp-wide,cocomix,kd",
@@ -102,9 +112,9 @@ def finished(out: Path) -> dict[str, tuple[float, str]]:
 
 @pytest.mark.slow
 def test_killed_study_is_finished_by_a_rerun_without_redoing_finished_runs(toy_assets, tmp_path):
-    out = tmp_path / "study"
+    out, keep = tmp_path / "study", tmp_path / "keep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    driver = subprocess.Popen(study_argv(toy_assets, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    driver = subprocess.Popen(study_argv(toy_assets, out, keep), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env, start_new_session=True)
     deadline = time.time() + 240
     while len(finished(out)) < 2 and driver.poll() is None and time.time() < deadline:
@@ -118,7 +128,7 @@ def test_killed_study_is_finished_by_a_rerun_without_redoing_finished_runs(toy_a
     running = subprocess.run(["pgrep", "-f", "--", f"--out {out}/runs"], capture_output=True, text=True).stdout
     assert not running.strip(), "a killed study left a training process behind"
 
-    r = subprocess.run(study_argv(toy_assets, out), capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(study_argv(toy_assets, out, keep), capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     plan = r.stdout.splitlines()
     assert sum(line.strip().startswith("done ") and "~" in line for line in plan) >= len(before) + 1  # + labels
@@ -128,7 +138,7 @@ def test_killed_study_is_finished_by_a_rerun_without_redoing_finished_runs(toy_a
     for name in after:  # one metrics log per run, each step once, up to the end (a resumed run included)
         steps = [json.loads(x)["step"] for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)) and steps[-1] == 16
-    report = (out / "report" / "report.md").read_text()
+    report = (keep / "report" / "report.md").read_text()
     for arm in ("ntp", "ntp-wide", "cocomix", "kd"):
         assert f"| {arm} |" in report
     evals = [json.loads(x) for x in (out / "runs" / "cocomix-seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -136,6 +146,24 @@ def test_killed_study_is_finished_by_a_rerun_without_redoing_finished_runs(toy_a
     assert set(last["val_sources"]) == {"austen", "python-docs"}  # every eval reports both domains
     assert json.loads((out / "runs" / "ntp-seed1" / "run.json").read_text())["seed"] == 1
 
-    again = subprocess.run(study_argv(toy_assets, out), capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(study_argv(toy_assets, out, keep), capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "8 of 9 jobs done" not in again.stdout and "9 of 9 jobs done" in again.stdout
     assert finished(out) == after  # a third pass does nothing
+    for name in after:  # every finished run was kept as it finished
+        for f in ("config.json", "metrics.jsonl", "run.json"):
+            assert (keep / "runs" / name / f).read_bytes() == (out / "runs" / name / f).read_bytes()
+
+    # a fresh checkout: the kept runs alone (no study folder, no label store) make the study finished
+    fresh = tmp_path / "fresh"
+    r = subprocess.run(study_argv(toy_assets, fresh, keep), capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "8 of 8 jobs done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "labels/signed" not in r.stdout and not (fresh / "runs").exists() and not (fresh / "labels").exists()
+    # a kept run of another config (or of other stores) is not the planned run: it is trained again
+    cfg = json.loads((keep / "runs" / "kd-seed1" / "config.json").read_text())
+    (keep / "runs" / "kd-seed1" / "config.json").write_text(json.dumps({**cfg, "lr": cfg["lr"] / 2}))
+    info = json.loads((keep / "runs" / "ntp-seed0" / "run.json").read_text())
+    (keep / "runs" / "ntp-seed0" / "run.json").write_text(json.dumps({**info, "token_fingerprint": "0" * 64}))
+    r = subprocess.run([*study_argv(toy_assets, fresh, keep), "--plan"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    todo = {line.split()[1] for line in r.stdout.splitlines() if line.strip().startswith("todo")}
+    assert r.returncode == 0 and todo == {"labels/signed", "kd-seed1", "ntp-seed0"}, r.stdout
