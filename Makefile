@@ -65,9 +65,12 @@ $(TOKENS)/manifest.json: data/corpus/*.jsonl.gz $(TEACHER)/tokenizer.json | setu
 	TOKENIZERS_PARALLELISM=true $(COCOMIX) tokenize --input data/corpus --tokenizer $(TEACHER) --seed 0 \
 	  --train-fraction $(TRAIN_FRACTION) --out $(TOKENS)
 
-extract-concepts: $(LABELS)/manifest.json
-$(LABELS)/manifest.json: $(TOKENS)/manifest.json $(TEACHER)/model.safetensors $(SAE)/sae.safetensors
-	if [ -f $@ ] && [ $@ -ot $(TOKENS)/manifest.json ]; then rm -rf $(LABELS); fi
+# The target is a stamp written after the extraction returns: the store's manifest exists from its first
+# moment, so a killed extraction would otherwise look finished (a rerun resumes it instead).
+LABELS_DONE := $(LABELS).done
+extract-concepts: $(LABELS_DONE)
+$(LABELS_DONE): $(TOKENS)/manifest.json $(TEACHER)/model.safetensors $(SAE)/sae.safetensors
+	if [ -f $(LABELS)/manifest.json ] && [ $(LABELS)/manifest.json -ot $(TOKENS)/manifest.json ]; then rm -rf $(LABELS); fi
 	$(COCOMIX) extract --tokens $(TOKENS) --teacher $(TEACHER) --sae $(SAE) --layer $(LAYER) --window $(WINDOW) \
 	  --store-teacher-topk 32 --workers 2 --threads 1 --out $(LABELS)
 	touch $@
@@ -79,8 +82,8 @@ SLOWEST_FIRST := kd cocomix ntp-wide ntp
 $(RUNS)/ntp/run.json:      $(TOKENS)/manifest.json ; $(TRAIN) --preset demo --mode ntp --out $(@D) > $(@D).log 2>&1
 $(RUNS)/ntp-wide/run.json: $(TOKENS)/manifest.json ; $(TRAIN) --preset demo-ntp-wide --out $(@D) > $(@D).log 2>&1
 $(RUNS)/pause/run.json:    $(TOKENS)/manifest.json ; $(TRAIN) --preset demo --mode pause --out $(@D) > $(@D).log 2>&1
-$(RUNS)/cocomix/run.json:  $(LABELS)/manifest.json ; $(TRAIN) --preset demo --labels $(LABELS) --out $(@D) > $(@D).log 2>&1
-$(RUNS)/kd/run.json:       $(LABELS)/manifest.json ; $(TRAIN) --preset demo --mode kd --labels $(LABELS) --out $(@D) > $(@D).log 2>&1
+$(RUNS)/cocomix/run.json:  $(LABELS_DONE) ; $(TRAIN) --preset demo --labels $(LABELS) --out $(@D) > $(@D).log 2>&1
+$(RUNS)/kd/run.json:       $(LABELS_DONE) ; $(TRAIN) --preset demo --mode kd --labels $(LABELS) --out $(@D) > $(@D).log 2>&1
 $(RUNS)/%/run.json: | $(RUNS)
 
 $(RUNS):
@@ -88,7 +91,7 @@ $(RUNS):
 
 train: $(RUNS)/cocomix/run.json
 
-students: $(LABELS)/manifest.json | $(RUNS)
+students: $(LABELS_DONE) | $(RUNS)
 	@echo "training $(STUDENTS) ($(STUDENT_TOKENS) tokens each, two at a time; logs in $(RUNS)/*.log)"
 	$(MAKE) --no-print-directory -j2 $(foreach s,$(SLOWEST_FIRST),$(RUNS)/$(s)/run.json)
 
