@@ -16,11 +16,13 @@ export HF_DATASETS_OFFLINE := 1
 setup: $(VENV)/.installed
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The .pth file lets lm-eval's own `lm_eval` command see the `cocomix` model (trainer/lm_eval_hook.py).
+$(VENV)/.installed: pyproject.toml trainer/cocomix_lm_eval.pth
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,eval]'
+	cp trainer/cocomix_lm_eval.pth "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $@
 
 # pytest exit code 5 (nothing collected) is a failure, never a silent pass.

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,30 @@ def test_shipped_tasks_run_through_lm_eval_command_line_offline_from_anywhere(de
     for task, metric in [("cocomix_cloze", "perplexity"), ("cocomix_continuation", "acc_norm"),
                          ("cocomix_ppl", "word_perplexity")]:
         assert task in r.stdout and metric in r.stdout
+
+
+@pytest.mark.slow
+def test_lm_eval_script_itself_sees_the_cocomix_model_and_the_offline_tasks(demo_students, tmp_path):
+    """`make setup` installs cocomix_lm_eval.pth, so lm-eval's own `lm_eval` command (not our wrapper) knows
+    `cocomix`, finds the shipped tasks from any directory, and refuses a bad checkpoint in one line."""
+    if not (Path(sysconfig.get_paths()["purelib"]) / "cocomix_lm_eval.pth").is_file():
+        pytest.skip("this virtualenv was not made by `make setup` (no cocomix_lm_eval.pth)")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "OMP_NUM_THREADS": "1"}
+    lm_eval = [str(Path(sys.executable).with_name("lm_eval")), "--model", "cocomix", "--tasks", "cocomix_cloze",
+               "--limit", "3", "--batch_size", "8"]
+    r = subprocess.run([*lm_eval, "--model_args", f"checkpoint={demo_students[2]},device=cpu"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cocomix_cloze" in r.stdout and "perplexity" in r.stdout
+    bad = subprocess.run([*lm_eval, "--model_args", f"checkpoint={tmp_path / 'nothing'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "neither a checkpoint nor a run folder" in bad.stderr
+    # any other program of the virtualenv is untouched by the hook
+    plain = subprocess.run([sys.executable, "-c", "import sys; print('lm_eval' in sys.modules)"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert plain.stdout.strip() == "False"
 
 
 def test_downstream_scores_students_and_compare_tables_them_over_seeds(demo_students, tmp_path):

@@ -4,10 +4,10 @@
         --tasks cocomix_cloze,cocomix_continuation,cocomix_ppl --batch_size 16
 
 lm-eval 0.4.x finds models only in its own table or among classes registered by an import that already
-ran: it has no entry-point group, so its `lm_eval` script cannot see a model of another package. Importing
-this module registers `cocomix` (for `lm_eval.simple_evaluate(model="cocomix", ...)` too), and
-`python -m trainer.harness ARGS` is lm-eval's own command line after that import, with the shipped offline
-tasks (data/tasks) on `--include_path` unless one is given.
+ran: it has no entry-point group. Importing this module registers `cocomix` (for
+`lm_eval.simple_evaluate(model="cocomix", ...)` too), and `python -m trainer.harness ARGS` is lm-eval's own
+command line after that import, with the shipped offline tasks (data/tasks) on `--include_path` unless one
+is given. `lm_eval` itself sees the model where `make setup` installed the hook (trainer/lm_eval_hook.py).
 
 Requests are scored by trainer/scoring.py on the student's own forward, with the tokenizer of the token
 store it trained on; long inputs are handled as lm-eval's `hf` model handles them (left truncation for
