@@ -4,6 +4,7 @@ a changed config is refused, every mode trains, and a finished checkpoint evalua
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,20 @@ def test_compiled_run_matches_eager(stores, tmp_path):
                                eval_interval=4, compile=True)))
     assert compiled[-1]["val_loss"] == pytest.approx(eager[-1]["val_loss"], abs=1e-3)
     assert compiled[-1]["train_loss"] == pytest.approx(eager[-1]["train_loss"], abs=1e-3)
+
+
+def test_a_run_recorded_with_relative_paths_finds_its_stores_from_any_directory(tmp_path, monkeypatch):
+    """`make demo` records out/demo/tokens (relative to the repository): lm_eval, generate and export-hf
+    started elsewhere find it through the checkpoint's own location."""
+    project = tmp_path / "project"
+    ckpt = project / "out" / "demo" / "runs" / "cocomix" / "checkpoints" / "step-0000305"
+    ckpt.mkdir(parents=True)
+    (project / "out" / "demo" / "tokens").mkdir()
+    meta = {"train": {"tokens": "out/demo/tokens", "out": "out/demo/runs/cocomix"}}
+    monkeypatch.chdir(tmp_path)  # not where training ran
+    assert checkpoint.trained_on(meta, ckpt) == project / "out" / "demo" / "tokens"
+    monkeypatch.chdir(project)  # where training ran: the recorded path as it is
+    assert checkpoint.trained_on(meta, ckpt) == Path("out/demo/tokens")
+    monkeypatch.chdir(tmp_path)  # a checkpoint moved away from its run folder: nothing to infer
+    moved = tmp_path / "elsewhere" / "checkpoints" / "step-0000305"
+    assert checkpoint.trained_on(meta, moved) == Path("out/demo/tokens")

@@ -143,6 +143,21 @@ def resolve(path: Path) -> Path:
     return ckpt
 
 
+def trained_on(meta: dict, ckpt: Path, key: str = "tokens") -> Path:
+    """A store the checkpoint's run recorded (`meta["train"][key]`), found from any working directory.
+
+    Runs record paths as given, often relative to where training ran (`make demo`: out/demo/tokens). Such a
+    path is taken as it is when it exists from here, else relative to that directory, which the checkpoint's
+    own location tells: <training cwd>/<recorded out>/checkpoints/step-N."""
+    recorded = Path(meta["train"][key])
+    if recorded.is_absolute() or recorded.exists():
+        return recorded
+    run, out = Path(ckpt).resolve().parent.parent, Path(meta["train"].get("out") or ".")
+    if not out.is_absolute() and out.parts and run.parts[-len(out.parts):] == out.parts:
+        return Path(*run.parts[:-len(out.parts)]) / recorded
+    return recorded
+
+
 def load_model(path: Path) -> tuple[GPT, dict]:
     """Model (eval mode, CPU) and its metadata from a checkpoint or run folder: from model.safetensors +
     config.json when the checkpoint has them, else from state.pt."""

@@ -85,13 +85,13 @@ def export_hf_cmd(
     import torch
 
     from storage_schemas import TokenStore
-    from trainer.checkpoint import load_model
+    from trainer.checkpoint import load_model, resolve, trained_on
     from trainer.model import export_hf
 
     model, meta = load_model(checkpoint)
     if model.cfg.mode not in ("ntp", "kd"):
         raise UserError(f"{checkpoint} is a {model.cfg.mode} model; only ntp/kd models are GPT-2 models")
-    ts = TokenStore.open(tokens or meta["train"]["tokens"])
+    ts = TokenStore.open(tokens or trained_on(meta, resolve(checkpoint)))
     if meta.get("tokenizer_fingerprint") not in (None, ts.tokenizer_fingerprint):
         raise UserError(f"{ts.path} uses another tokenizer than the run was trained with: pass the run's --tokens")
     if dtype not in ("float32", "bfloat16"):

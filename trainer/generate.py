@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from storage_schemas import UserError
-from trainer.checkpoint import load_model
+from trainer.checkpoint import load_model, resolve, trained_on
 from trainer.model import GPT, Steering
 
 
@@ -67,7 +67,7 @@ def parse_steer(items: list[str]) -> dict[int, float]:
 def load_tokenizer(cfg: GenerateConfig, meta: dict):
     from tokenizers import Tokenizer
 
-    folder = cfg.tokenizer or Path(meta["train"]["tokens"]) / "tokenizer"
+    folder = cfg.tokenizer or trained_on(meta, resolve(cfg.checkpoint)) / "tokenizer"
     file = Path(folder) / "tokenizer.json"
     if not file.is_file():
         raise UserError(f"no tokenizer at {file}: pass --tokenizer DIR (a folder with tokenizer.json)")

@@ -33,7 +33,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from storage_schemas import UserError, tokenizer_fingerprint
-from trainer.checkpoint import load_model, resolve
+from trainer.checkpoint import load_model, resolve, trained_on
 from trainer.downstream import TASKS_DIR
 from trainer.evaluate import torch_device
 from trainer.scoring import generate_tokens, score_pairs
@@ -59,7 +59,7 @@ def load_tokenizer(meta: dict, folder: str | Path | None, ckpt: Path):
     whose fingerprint differs from the one the checkpoint recorded is refused."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder) if folder else Path(meta["train"]["tokens"]) / "tokenizer"
+    folder = Path(folder) if folder else trained_on(meta, ckpt) / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer at {folder / 'tokenizer.json'} for {ckpt}: "
                         f"pass tokenizer=DIR (the token store's tokenizer/ folder) in --model_args")
