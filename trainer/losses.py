@@ -27,15 +27,26 @@ def concept_loss(z: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
     With every slot valid this is the paper's mean over the k labels of the per-label mean CE.
     Masked slots contribute neither to the value nor to the gradient; their ids may be anything.
     """
+    mask = concept_mask(ids, mask)
+    return concept_ce(z, ids, mask).sum() / mask.sum().clamp(min=1)
+
+
+def concept_mask(ids: Tensor, mask: Tensor | None) -> Tensor:
+    """The (B, T, k) slot mask of concept_loss: None means every slot, a (B, T) mask every slot of a position."""
     if mask is None:
-        mask = torch.ones_like(ids, dtype=torch.bool)
-    elif mask.dim() == ids.dim() - 1:  # one flag per position (B, T): applies to all k slots
-        mask = mask[..., None].expand_as(ids)
+        return torch.ones_like(ids, dtype=torch.bool)
+    if mask.dim() == ids.dim() - 1:  # one flag per position (B, T): applies to all k slots
+        return mask[..., None].expand_as(ids)
+    return mask
+
+
+def concept_ce(z: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Per-slot CE of concept_loss, zero at masked slots: z (..., C), ids and mask (..., k) -> (..., k) float32.
+    Apart so that a chunked caller can sum it chunk by chunk and divide once by the whole count."""
     safe_ids = torch.where(mask, ids, torch.zeros_like(ids))  # sentinels would be out of range
     lse = torch.logsumexp(z.float(), dim=-1, keepdim=True)  # (B, T, 1)
     picked = z.gather(-1, safe_ids).float()  # (B, T, k)
-    ce = torch.where(mask, lse - picked, torch.zeros_like(picked))
-    return ce.sum() / mask.sum().clamp(min=1)
+    return torch.where(mask, lse - picked, torch.zeros_like(picked))
 
 
 def _log_rest_mass(log_probs: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,10 +81,27 @@ def kd_loss(
     and K < V the teacher's tail is tempered as if it were one token, since its shape is not stored.
     Positions are dropped where targets == -1 or any teacher id is negative (no teacher data).
     """
-    B, T, V = logits.shape
+    kl, ok = kd_terms(logits, teacher_ids, teacher_logprobs, targets, temperature)
+    return temperature**2 * kl.sum() / ok.sum().clamp(min=1)
+
+
+def kd_positions(teacher_ids: Tensor, targets: Tensor | None) -> Tensor:
+    """(B, T) bool: the positions kd_loss keeps (a target, and teacher data: no negative id)."""
     ok = (teacher_ids >= 0).all(-1)  # (B, T)
-    if targets is not None:
-        ok = ok & (targets != -1)
+    return ok & (targets != -1) if targets is not None else ok
+
+
+def kd_terms(
+    logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    targets: Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """kd_loss before the mean: -> KL per position (B, T) float32, zero where dropped, and the kept (B, T).
+    Apart so that a chunked caller can sum it chunk by chunk and divide once by the whole count."""
+    B, T, V = logits.shape
+    ok = kd_positions(teacher_ids, targets)
     ids = teacher_ids.clamp(min=0).flatten(0, 1)  # (N, K)
     t_lp = torch.where(ok[..., None], teacher_logprobs.float(), 0.0).flatten(0, 1)  # (N, K)
     s = logits.float().flatten(0, 1) / temperature  # (N, V)
@@ -87,5 +115,4 @@ def kd_loss(
     t_p = t_logq.exp()
     kl_terms = torch.where(t_p > 0, t_p * (t_logq - s_buckets), torch.zeros_like(t_p))
     kl = kl_terms.sum(-1).view(B, T)  # (B, T)
-    kl = torch.where(ok, kl, torch.zeros_like(kl))
-    return temperature**2 * kl.sum() / ok.sum().clamp(min=1)
+    return torch.where(ok, kl, torch.zeros_like(kl)), ok
