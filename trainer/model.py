@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from storage_schemas import UserError
+from trainer import chunked
 from trainer.losses import concept_loss, kd_loss, ntp_loss
 
 LN_EPS = 1e-5  # GPT-2's layer_norm_epsilon, and the eps of the concept head's layer-norm stats
@@ -128,11 +129,11 @@ class Steering(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    logits: Tensor  # (B, T, V) next-token logits
+    logits: Tensor | None  # (B, T, V) next-token logits; None when the losses were chunked (trainer/chunked.py)
     loss: Tensor | None  # total loss to backprop
     ntp_loss: Tensor | None  # next-token CE, targets == -1 ignored
     aux_loss: Tensor | None  # concept CE (cocomix) or T^2 * KL (kd), before weighting
-    concept_logits: Tensor | None  # (B, T, C) cocomix, after steering
+    concept_logits: Tensor | None  # (B, T, C) cocomix, after steering; None when chunked
 
 
 def layer_norm_stats(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,11 +214,16 @@ class ConceptMixer(nn.Module):
         """sum_j vals_j * W_comp[idx_j] + b: vals, idx (B, T, k) -> (B, T, d).
 
         Equal to z_sparse @ W_comp + b, without the dense (T x C) @ (C x d) product."""
-        B, T, k = idx.shape
+        k = idx.shape[-1]
         w = self.comp_weight
         weights = vals.reshape(-1, k).to(w.dtype)  # embedding_bag wants the table's dtype
         c = F.embedding_bag(idx.reshape(-1, k), w, per_sample_weights=weights, mode="sum")  # (B*T, d)
-        return c.view(B, T, -1) + self.comp_bias
+        return c.view(*idx.shape[:-1], -1) + self.comp_bias
+
+    def compressed(self, z_used: Tensor, mu: Tensor, std: Tensor) -> Tensor:
+        """TopK of the (steered) logits, compressed and put back on h's scale: z (..., C) -> c (..., d)."""
+        vals, idx = z_used.topk(self.k, dim=-1)  # (..., k): the TopK keeps values, zeroes the rest
+        return (self.compress(vals, idx) + self.pre_bias) * std + mu
 
     def forward(self, h: Tensor, steer: Steering | None) -> tuple[Tensor, Tensor, Tensor]:
         """h (B, T, d) -> mixed (B, 2T, d), raw logits z (B, T, C) for the loss, steered logits.
@@ -226,9 +232,15 @@ class ConceptMixer(nn.Module):
         z_used = steer.apply(z) if steer is not None else z
         if not self.mix:
             return h, z, z_used
-        vals, idx = z_used.topk(self.k, dim=-1)  # (B, T, k): the TopK keeps values, zeroes the rest
-        c = (self.compress(vals, idx) + self.pre_bias) * std + mu  # back to h's scale
+        c = self.compressed(z_used, mu, std)  # (B, T, d)
         return interleave(h, c.to(h.dtype)), z, z_used
+
+    def forward_chunked(self, h: Tensor, steer: Steering | None, ids: Tensor, mask: Tensor | None,
+                        budget: int) -> tuple[Tensor, Tensor]:
+        """forward plus the concept loss, a chunk of tokens at a time (trainer/chunked.py):
+        h (B, T, d) -> mixed (B, 2T, d) or h unchanged, concept loss. No (B, T, C) logits come back."""
+        c, loss = chunked.concepts(self, h, steer, ids, mask, budget)
+        return (interleave(h, c.to(h.dtype)) if self.mix else h), loss
 
 
 class GPT(nn.Module):
@@ -273,9 +285,12 @@ class GPT(nn.Module):
         teacher_ids: Tensor | None = None,
         teacher_logprobs: Tensor | None = None,
         steer: Steering | None = None,
+        chunk_elements: int = chunked.CHUNK_ELEMENTS,
     ) -> ModelOutput:
         """idx (B, T) -> ModelOutput. Without labels (concept_ids / teacher_*) the loss is the NTP loss,
-        which is what evaluation on token-only data wants; training must pass them (the loop checks)."""
+        which is what evaluation on token-only data wants; training must pass them (the loop checks).
+        With targets, a head whose (B * T, width) logits exceed chunk_elements computes its losses in
+        chunks (trainer/chunked.py) and leaves its logits out of the output (None)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise UserError(f"sequence length {T} is longer than block_size {self.cfg.block_size}")
@@ -284,28 +299,46 @@ class GPT(nn.Module):
         h = tr.drop(tr.wte(idx) + pos)  # (B, T, d)
         if self.pause is not None:  # at the input, with the position of the token it follows
             h = interleave(h, tr.drop((self.pause + pos).expand(B, T, -1)))
-        z = z_used = None
+        z = z_used = concept_aux = None
+        chunk_concepts = (targets is not None and concept_ids is not None and self.concept is not None
+                          and not chunked.one_chunk(B * T, self.cfg.n_concepts, chunk_elements))
         for i, block in enumerate(tr.h):
             if self.concept is not None and i == self.cfg.insert_layer:
-                h, z, z_used = self.concept(h, steer)  # (B, 2T, d)
+                if chunk_concepts:
+                    h, concept_aux = self.concept.forward_chunked(h, steer, concept_ids, concept_mask,
+                                                                  chunk_elements)
+                else:
+                    h, z, z_used = self.concept(h, steer)  # (B, 2T, d)
             h = block(h)
         if self.pause is not None or (self.concept is not None and self.cfg.concept_mix):
             h = h[:, 1::2]  # predict the next token from the concept / pause slots
-        logits = self.lm_head(tr.ln_f(h))  # (B, T, V)
-        labels = (concept_ids, concept_mask, teacher_ids, teacher_logprobs)
-        return self._losses(logits, targets, z, z_used, *labels)
-
-    def _losses(self, logits, targets, z, z_used, concept_ids, concept_mask, teacher_ids, teacher_lp):
         if targets is None:
-            return ModelOutput(logits, None, None, None, z_used)
+            return ModelOutput(self.lm_head(tr.ln_f(h)), None, None, None, z_used)  # (B, T, V)
+        logits, ntp, kd = self._head(h, targets, teacher_ids, teacher_logprobs, chunk_elements)
+        if concept_ids is not None and z is not None:  # cocomix, concepts not chunked above
+            concept_aux = concept_loss(z, concept_ids, concept_mask)
+        return self._total(logits, ntp, kd, z_used, concept_aux)
+
+    def _head(self, h, targets, teacher_ids, teacher_lp, budget) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """h (B, T, d) -> logits (B, T, V) (None when chunked), the NTP loss, the KD loss (kd mode with
+        teacher labels, else None). Unchunked, the ops and their order are those of the code before
+        chunking existed, so small batches (the demo, the study) give bit-identical losses and gradients."""
+        use_kd = self.cfg.mode == "kd" and teacher_ids is not None
+        teacher = (teacher_ids, teacher_lp) if use_kd else (None, None)
+        ln_f, temp = self.transformer.ln_f, self.cfg.kd_temperature
+        if not chunked.one_chunk(h.shape[0] * h.shape[1], self.cfg.vocab_size, budget):
+            return None, *chunked.head_losses(ln_f, self.lm_head, h, targets, *teacher, temp, budget)
+        logits = self.lm_head(ln_f(h))  # (B, T, V)
         ntp = ntp_loss(logits, targets)
+        return logits, ntp, kd_loss(logits, *teacher, targets, temp) if use_kd else None
+
+    def _total(self, logits, ntp, kd, z_used, concept_aux) -> ModelOutput:
+        """The weighted loss of the mode from its parts (kd and concept_aux are None when absent)."""
         cfg = self.cfg
-        if cfg.mode == "cocomix" and concept_ids is not None:
-            aux = concept_loss(z, concept_ids, concept_mask)
-            return ModelOutput(logits, ntp + cfg.concept_lambda * aux, ntp, aux, z_used)
-        if cfg.mode == "kd" and teacher_ids is not None:
-            aux = kd_loss(logits, teacher_ids, teacher_lp, targets, cfg.kd_temperature)
-            return ModelOutput(logits, (1 - cfg.kd_alpha) * ntp + cfg.kd_alpha * aux, ntp, aux, None)
+        if concept_aux is not None:
+            return ModelOutput(logits, ntp + cfg.concept_lambda * concept_aux, ntp, concept_aux, z_used)
+        if kd is not None:
+            return ModelOutput(logits, (1 - cfg.kd_alpha) * ntp + cfg.kd_alpha * kd, ntp, kd, None)
         return ModelOutput(logits, ntp, ntp, None, z_used)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
