@@ -2,6 +2,7 @@
 
     model.py       GPT, GPTConfig, ModelOutput, Steering, from_hf / to_hf / export_hf
     losses.py      ntp_loss, concept_loss, kd_loss
+    chunked.py     the wide heads' losses in chunks of tokens, recomputed in backward (bounded memory)
     config.py      TrainConfig, presets (PRESETS, preset), build_config (TOML + --set overrides)
     data.py        WindowData (windows + aligned labels), WindowOrder (seeded stream), open_stores (refusals)
     train.py       train(cfg) -> run folder (DDP under torchrun)
