@@ -1,4 +1,5 @@
-"""Small shared pieces of the on-disk contracts: hashing, atomic JSON, chunked memory-mapped reads."""
+"""Small shared pieces of the on-disk contracts: hashing, atomic JSON, chunked memory-mapped reads
+(of plain chunk files, and of the raw inner chunks of zarr v3 shard files)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +54,10 @@ def write_json_atomic(path: Path, obj) -> None:
         raise
 
 
-def read_manifest(path: Path, kind: str, version: int) -> dict:
-    """Read a store's manifest.json and check its kind and format version, naming the file on failure."""
+def read_manifest(path: Path, kind: str, version: int | tuple[int, ...]) -> dict:
+    """Read a store's manifest.json and check its kind and format version (one of `version`), naming the
+    file on failure."""
+    versions = version if isinstance(version, tuple) else (version,)
     file = Path(path) / "manifest.json"
     if not file.is_file():
         raise StoreError(f"{path} is not a {kind}: {file} does not exist")
@@ -63,10 +67,10 @@ def read_manifest(path: Path, kind: str, version: int) -> dict:
         raise StoreError(f"{file} is not valid JSON ({e})") from None
     if manifest.get("kind") != kind:
         raise StoreError(f"{path} is not a {kind}: {file} says kind={manifest.get('kind')!r}")
-    if manifest.get("format_version") != version:
+    if manifest.get("format_version") not in versions:
         raise StoreError(
             f"{file} has format_version {manifest.get('format_version')!r}; "
-            f"this cocomix reads version {version}"
+            f"this cocomix reads version {' or '.join(map(str, versions))}"
         )
     return manifest
 
@@ -83,6 +87,113 @@ def memmap_chunk(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndar
     if size != expected:
         raise StoreError(f"chunk file {path} has {size} bytes, expected {expected}; run `cocomix shards validate`")
     return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+# -- sharded arrays -------------------------------------------------------------------------------
+# A zarr v3 shard file (codec sharding_indexed) is its inner chunks' encoded bytes, then (index_location
+# "end", zarr's default) an index: one (offset, nbytes) little-endian uint64 pair per inner chunk in C order
+# of the chunk grid, and a crc32c of those pairs when index_codecs say so. With raw inner chunks (a plain
+# bytes codec) each chunk's bytes are the array's bytes, so a chunk is a view into a memory map of the file.
+
+MISSING = 2**64 - 1  # the index's (offset, nbytes) of an inner chunk that was never written (all fill value)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a zero-copy reader needs of a sharded array's codec."""
+
+    per_shard: int
+    """Inner chunks per shard (along axis 0; an inner chunk spans the other axes whole)."""
+    crc: bool
+    """The index ends with a crc32c of its pairs."""
+
+    @property
+    def index_nbytes(self) -> int:
+        return 16 * self.per_shard + 4 * self.crc
+
+
+def _raw_bytes(codec: dict) -> bool:
+    return codec.get("name") == "bytes" and codec.get("configuration", {}).get("endian", "little") == "little"
+
+
+def shard_layout(array_dir: Path) -> ShardLayout | None:
+    """The shard layout from a zarr v3 array's zarr.json; None when it is not sharded.
+
+    StoreError (naming the file) for a sharded layout this reader does not memory-map: inner chunks that
+    are compressed or big-endian, an index at the start of the shard, or inner chunks splitting a row.
+    """
+    file = Path(array_dir) / "zarr.json"
+    meta = json.loads(file.read_text())
+    codecs = meta["codecs"]
+    if codecs[0]["name"] != "sharding_indexed":
+        return None
+    cfg, shard_shape = codecs[0]["configuration"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    index = cfg.get("index_codecs", [])
+    names = [c.get("name") for c in index]
+    inner = cfg["chunk_shape"]
+    if (len(codecs) != 1 or [_raw_bytes(c) for c in cfg["codecs"]] != [True] or cfg.get("index_location", "end") != "end"
+            or not index or not _raw_bytes(index[0]) or names[1:] not in ([], ["crc32c"]) or inner[1:] != shard_shape[1:]):
+        raise StoreError(f"{file}: a shard layout this reader cannot memory-map (expected raw little-endian inner "
+                         "chunks spanning whole rows, the index at the end); read it with zarr or re-export it")
+    return ShardLayout(per_shard=shard_shape[0] // inner[0], crc=names[1:] == ["crc32c"])
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c  # zarr 3's own crc32c (its Crc32cCodec imports it): no dependency of ours
+
+    return google_crc32c.value(data)
+
+
+def read_shard_index(path: Path, layout: ShardLayout, size: int) -> np.ndarray:
+    """(per_shard, 2) uint64 (offset, nbytes) of every inner chunk of the shard file at path, of `size`
+    bytes; StoreError naming the file when it is too short, its crc32c fails, or a chunk lies outside it."""
+    n = layout.index_nbytes
+    if size < n:
+        raise StoreError(f"shard file {path} has {size} bytes, less than its {n}-byte index; "
+                         "run `cocomix shards validate`")
+    with open(path, "rb") as f:
+        f.seek(size - n)
+        raw = f.read(n)
+    if layout.crc and _crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise StoreError(f"shard file {path}: its index fails its crc32c (corrupt); run `cocomix shards validate`")
+    index = np.frombuffer(raw[: 16 * layout.per_shard], "<u8").reshape(layout.per_shard, 2)
+    written = index[:, 0] != MISSING
+    if (index[written, 0] + index[written, 1] > size - n).any():
+        raise StoreError(f"shard file {path}: its index points past the chunk data; run `cocomix shards validate`")
+    return index
+
+
+class ShardedChunks:
+    """Inner chunk c of a sharded array with raw inner chunks, as a zero-copy view of its shard file.
+
+    Each shard file is memory-mapped once (one map per shard, not per chunk) and its index read once. An
+    inner chunk the index marks as never written reads as zeros (the label store's fill value).
+    """
+
+    def __init__(self, array_dir: Path, layout: ShardLayout, dtype: np.dtype, chunk_shape: tuple[int, ...]):
+        self.array_dir, self.layout, self.dtype, self.chunk_shape = Path(array_dir), layout, np.dtype(dtype), chunk_shape
+        self.nbytes = int(np.prod(chunk_shape)) * self.dtype.itemsize
+        self._shards: dict[int, tuple[np.memmap, np.ndarray]] = {}
+
+    def _shard(self, s: int) -> tuple[np.memmap, np.ndarray]:
+        if s not in self._shards:
+            path = chunk_file(self.array_dir, s, len(self.chunk_shape))
+            if not path.exists():
+                raise StoreError(f"shard file {path} is missing; run `cocomix shards validate`")
+            size = path.stat().st_size
+            self._shards[s] = (np.memmap(path, np.uint8, mode="r", shape=(size,)),
+                               read_shard_index(path, self.layout, size))
+        return self._shards[s]
+
+    def __call__(self, c: int) -> np.ndarray:
+        data, index = self._shard(c // self.layout.per_shard)
+        offset, nbytes = (int(x) for x in index[c % self.layout.per_shard])
+        if offset == MISSING:
+            return np.zeros(self.chunk_shape, self.dtype)
+        if nbytes != self.nbytes:
+            raise StoreError(f"{chunk_file(self.array_dir, c // self.layout.per_shard, len(self.chunk_shape))}: "
+                             f"inner chunk {c % self.layout.per_shard} has {nbytes} bytes, expected {self.nbytes}")
+        return data[offset : offset + nbytes].view(self.dtype).reshape(self.chunk_shape)  # a memmap view: no copy
 
 
 class ChunkedArray:

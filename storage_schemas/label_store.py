@@ -3,11 +3,19 @@
 Layout of a label store folder:
     manifest.json                    kind, format version, fingerprint, spec (everything it hashes), split sizes,
                                      array dtypes and, once consolidated, every unit's completion record
-    <split>/<array>                  zarr v3 arrays chunked along rows, one chunk = one work unit
+    <split>/<array>                  zarr v3 arrays chunked along rows, one chunk = one work unit; or, with
+                                     shard_chunks = N > 1, sharded: one shard file of N chunks = one work unit
     units/<split>-<unit>.json        completion record, written (atomically) only after that unit's data is on disk
     parquet/<split>-<unit>.parquet   optional, one file per unit: token_index, token, ids, scores, valid, ...
 Arrays: ids (N,k) uint16|uint32, scores (N,k) float16, valid (N,) bool; optional sae_ids/sae_vals (N,k_sae)
 and teacher_ids/teacher_logprobs (N,K).
+
+Files: one per array per unit, one completion record per unit (and one Parquet file per unit), so a store
+of T tokens holds ceil(T / unit_rows) x (arrays + 1 [+ 1]) files (`LabelSpec.files`). With 1024-token
+windows and 64 windows per chunk, the unsharded layout writes 15,259 units per billion tokens: 61,036
+files per billion for ids/scores/valid, 91,554 with the teacher's top-K (1.8 million at 20B tokens);
+--shard-chunks 64 divides that by 64 (239 units per billion: 956 or 1,434 files; 28,614 at 20B tokens),
+and the trainer still memory-maps every chunk in place (storage_schemas/io.py `ShardedChunks`).
 """
 
 from __future__ import annotations
@@ -26,17 +34,25 @@ from zarr.codecs import BloscCodec
 from .errors import StoreError
 from .io import (
     ChunkedArray,
+    ShardedChunks,
+    ShardLayout,
     chunk_file,
     fingerprint_json,
     fsync_path,
     memmap_chunk,
     read_manifest,
     sha256_file,
+    shard_layout,
     write_json_atomic,
 )
 
 KIND = "cocomix.label_store"
 FORMAT_VERSION = 1
+# Sharded stores say format_version 2 in their manifest, so that a cocomix that predates sharding refuses
+# them by name instead of misreading them; the fingerprint keeps hashing FORMAT_VERSION, as it names the
+# label set, not how it is stored.
+SHARDED_FORMAT_VERSION = 2
+STORAGE_FIELDS = ("chunk_windows", "codec", "formats", "shard_chunks")
 
 
 @dataclass(frozen=True)
@@ -65,8 +81,12 @@ class LabelSpec:
     """raw (memory-mappable) or zstd (Blosc-zstd, bit-shuffle); storage only."""
     formats: tuple[str, ...] = ("zarr",)
     """zarr and/or parquet; storage only."""
+    shard_chunks: int = 1
+    """Chunks per zarr shard file (= per work unit); 1: unsharded, today's layout. Storage only."""
 
     def __post_init__(self):
+        if self.shard_chunks < 1 or self.chunk_windows < 1:
+            raise StoreError(f"bad label spec: chunk_windows={self.chunk_windows} shard_chunks={self.shard_chunks}")
         if self.codec not in ("raw", "zstd"):
             raise StoreError(f"unknown codec {self.codec!r}: use raw or zstd")
         if not self.formats or set(self.formats) - {"zarr", "parquet"}:
@@ -82,6 +102,17 @@ class LabelSpec:
     def chunk_rows(self) -> int:
         return self.chunk_windows * self.window
 
+    @property
+    def unit_rows(self) -> int:
+        """Rows of one work unit: one chunk, or one shard of shard_chunks chunks."""
+        return self.chunk_rows * self.shard_chunks
+
+    def files(self, tokens: int) -> int:
+        """Data files of a split of `tokens` rows: per unit, one per array, a completion record and
+        (with Parquet) a Parquet file; the few zarr.json files and the manifest aside."""
+        per_unit = len(self.arrays()) * ("zarr" in self.formats) + 1 + ("parquet" in self.formats)
+        return -(-tokens // self.unit_rows) * per_unit
+
     def arrays(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """name -> (dtype, row shape) of every array this spec stores."""
         out = {"ids": (self.ids_dtype, (self.k,)), "scores": ("float16", (self.k,)), "valid": ("bool", ())}
@@ -94,15 +125,23 @@ class LabelSpec:
 
     @property
     def fingerprint(self) -> str:
-        ident = {k: v for k, v in asdict(self).items() if k not in ("chunk_windows", "codec", "formats")}
+        ident = {k: v for k, v in asdict(self).items() if k not in STORAGE_FIELDS}
         return fingerprint_json({"format_version": FORMAT_VERSION, **ident, "arrays": self.arrays()})
 
+    @property
+    def format_version(self) -> int:
+        """The manifest's format version: unsharded stores keep today's, byte for byte."""
+        return SHARDED_FORMAT_VERSION if self.shard_chunks > 1 else FORMAT_VERSION
+
     def to_json(self) -> dict:
-        return {**asdict(self), "formats": list(self.formats)}
+        d = {**asdict(self), "formats": list(self.formats)}
+        if self.shard_chunks == 1:  # unsharded manifests stay exactly as they were before sharding existed
+            del d["shard_chunks"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> LabelSpec:
-        return cls(**{**d, "formats": tuple(d["formats"])})
+        return cls(**{**d, "formats": tuple(d["formats"])})  # no shard_chunks (older manifests): unsharded
 
 
 class LabelStore:
@@ -113,10 +152,11 @@ class LabelStore:
         self.spec = LabelSpec.from_json(manifest["spec"])
         self.fingerprint = manifest["fingerprint"]
         self._arrays: dict[tuple[str, str], ChunkedArray] = {}
+        self._layouts: dict[tuple[str, str], ShardLayout] = {}
 
     @classmethod
     def open(cls, path: Path) -> LabelStore:
-        return cls(path, read_manifest(Path(path), KIND, FORMAT_VERSION))
+        return cls(path, read_manifest(Path(path), KIND, (FORMAT_VERSION, SHARDED_FORMAT_VERSION)))
 
     @classmethod
     def create(cls, path: Path, spec: LabelSpec, split_tokens: dict[str, int]) -> LabelStore:
@@ -139,7 +179,7 @@ class LabelStore:
             _create_arrays(path, spec, split_tokens)
         if "parquet" in spec.formats:
             (path / "parquet").mkdir()
-        manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "fingerprint": spec.fingerprint,
+        manifest = {"kind": KIND, "format_version": spec.format_version, "fingerprint": spec.fingerprint,
                     "spec": spec.to_json(), "splits": _splits(spec, split_tokens), "units": {},
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json_atomic(path / "manifest.json", manifest)
@@ -147,8 +187,9 @@ class LabelStore:
 
     # -- units --------------------------------------------------------------------------------------
     def units(self, split: str) -> list[tuple[int, int, int]]:
-        """(unit, row_start, row_stop) of every work unit of a split; a unit is one chunk of every array."""
-        n, rows = self.num_rows(split), self.spec.chunk_rows
+        """(unit, row_start, row_stop) of every work unit of a split; a unit is one chunk (or one shard) of
+        every array, so exactly one writer ever touches each chunk (or shard) file."""
+        n, rows = self.num_rows(split), self.spec.unit_rows
         return [(u, u * rows, min((u + 1) * rows, n)) for u in range(-(-n // rows))]
 
     def num_rows(self, split: str) -> int:
@@ -202,10 +243,14 @@ class LabelStore:
         out = {}
         for name, a in arrays.items():
             arr_dir = self.path / split / name
-            # write_empty_chunks is runtime config (not stored): without it, a unit whose rows are all fill
-            # values (a split's tail shorter than a window) would get no chunk file at all
-            zarr.open_array(arr_dir, mode="r+").with_config({"write_empty_chunks": True})[start:stop] = a
             f = chunk_file(arr_dir, unit, a.ndim)
+            if self.spec.shard_chunks > 1:
+                # zarr rewrites a split's last (short) shard by reading it first: a leftover of a killed
+                # write would fail that read. The shard is this unit's alone, so it is rewritten whole.
+                f.unlink(missing_ok=True)
+            # write_empty_chunks is runtime config (not stored): without it, a unit whose rows are all fill
+            # values (a split's tail shorter than a window) would get no chunk (or inner chunk) at all
+            zarr.open_array(arr_dir, mode="r+").with_config({"write_empty_chunks": True})[start:stop] = a
             fsync_path(f)
             out[name] = sha256_file(f)
         return out
@@ -244,17 +289,32 @@ class LabelStore:
             self._arrays[key] = self._open_array(split, name)
         return self._arrays[key]
 
+    def shard_layout(self, split: str, name: str) -> ShardLayout:
+        """The shard index layout of a sharded raw array, from its zarr.json (read once per store object)."""
+        key = (split, name)
+        if key not in self._layouts:
+            arr_dir = self.path / split / name
+            layout = shard_layout(arr_dir)
+            if layout is None or layout.per_shard != self.spec.shard_chunks:
+                raise StoreError(f"{arr_dir}/zarr.json is not sharded by {self.spec.shard_chunks} chunks as "
+                                 f"{self.path}/manifest.json says; the store was altered")
+            self._layouts[key] = layout
+        return self._layouts[key]
+
     def _open_array(self, split: str, name: str) -> ChunkedArray:
         dtype, row_shape = self.spec.arrays()[name]
         dtype, rows, n = np.dtype(dtype).newbyteorder("<"), self.spec.chunk_rows, self.num_rows(split)
+        arr_dir = self.path / split / name
+        if "zarr" in self.spec.formats and self.spec.codec == "raw" and self.spec.shard_chunks > 1:
+            load = ShardedChunks(arr_dir, self.shard_layout(split, name), dtype, (rows, *row_shape))
+            return ChunkedArray(n, rows, row_shape, dtype, load, cache=1 << 30)
         if "zarr" in self.spec.formats and self.spec.codec == "raw":
-            arr_dir = self.path / split / name
             load = lambda c: memmap_chunk(chunk_file(arr_dir, c, 1 + len(row_shape)), dtype, (rows, *row_shape))  # noqa: E731
             return ChunkedArray(n, rows, row_shape, dtype, load, cache=1 << 30)
-        if "zarr" in self.spec.formats:
-            z = zarr.open_array(self.path / split / name, mode="r")
+        if "zarr" in self.spec.formats:  # zarr reads one inner chunk of a shard without the rest
+            z = zarr.open_array(arr_dir, mode="r")
             return ChunkedArray(n, rows, row_shape, dtype, lambda c: z[c * rows : (c + 1) * rows])
-        pdir = self.path / "parquet"
+        pdir, rows = self.path / "parquet", self.spec.unit_rows  # one Parquet file per unit
         load = lambda c: _parquet_column(pdir / f"{split}-{c:06d}.parquet", name, row_shape, dtype)  # noqa: E731
         return ChunkedArray(n, rows, row_shape, dtype, load)
 
@@ -268,8 +328,10 @@ def _create_arrays(path: Path, spec: LabelSpec, split_tokens: dict[str, int]) ->
     compressors = None if spec.codec == "raw" else BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
     for split, n in split_tokens.items():
         for name, (dtype, row_shape) in spec.arrays().items():
+            # shards=None writes exactly the metadata of stores made before sharding existed
+            shards = (spec.unit_rows, *row_shape) if spec.shard_chunks > 1 else None
             group.create_array(f"{split}/{name}", shape=(n, *row_shape), chunks=(spec.chunk_rows, *row_shape),
-                               dtype=dtype, compressors=compressors, fill_value=0,
+                               shards=shards, dtype=dtype, compressors=compressors, fill_value=0,
                                config={"write_empty_chunks": True})
 
 

@@ -87,7 +87,7 @@ def validate_label_store(store: LabelStore, tokens: TokenStore | None, checksums
 def unit_problems(store: LabelStore, split: str, unit: int, checksums: bool = True) -> list[str]:
     """What is wrong with one unit: no completion record, a record the manifest contradicts, chunk
     files missing or of the wrong size, and (checksums=True) checksums, id range and valid count."""
-    rows = store.spec.chunk_rows
+    rows = store.spec.unit_rows
     start, stop = unit * rows, min((unit + 1) * rows, store.num_rows(split))
     rec, path = store.record(split, unit), store.record_path(split, unit)
     if rec is None:
@@ -114,8 +114,8 @@ def _check_unit(store: LabelStore, split: str, unit: int, start: int, stop: int,
         return [f"{store.record_path(split, unit)}: record is for rows {rec.get('rows')}, expected {[start, stop]}"]
     problems, spec = [], store.spec
     if "zarr" in spec.formats:
-        for name, (dtype, row_shape) in spec.arrays().items():
-            size = spec.chunk_rows * int(np.prod(row_shape)) * np.dtype(dtype).itemsize if spec.codec == "raw" else None
+        for name, (_, row_shape) in spec.arrays().items():
+            size = _raw_size(store, split, name, stop - start) if spec.codec == "raw" else None
             f = chunk_file(store.path / split / name, unit, 1 + len(row_shape))
             if p := _check_chunk(f, rec["checksums"].get(name) if checksums else None, size):
                 problems.append(p)
@@ -131,6 +131,17 @@ def _check_unit(store: LabelStore, split: str, unit: int, start: int, stop: int,
     if int(valid.sum()) != rec.get("valid"):
         problems.append(f"{store.record_path(split, unit)}: valid count differs from the data")
     return problems
+
+
+def _raw_size(store: LabelStore, split: str, name: str, rows: int) -> int:
+    """Bytes of a raw unit file of `rows` rows: one whole (padded) chunk; or, sharded, every chunk that
+    holds rows (zarr writes none past the split's end) and the shard's index."""
+    dtype, row_shape = store.spec.arrays()[name]
+    chunk = store.spec.chunk_rows * int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    if store.spec.shard_chunks == 1:
+        return chunk
+    index = store.shard_layout(split, name).index_nbytes  # zarr.json's own word on the index (crc32c or not)
+    return -(-rows // store.spec.chunk_rows) * chunk + index
 
 
 def _dir_bytes(path: Path) -> int:
@@ -161,6 +172,8 @@ def store_info(path: Path) -> dict:
     return {"kind": "label store", "path": str(path), "fingerprint": store.fingerprint,
             "token_fingerprint": spec.token_fingerprint, "window": spec.window, "k": spec.k,
             "n_latents": spec.n_latents, "codec": spec.codec, "formats": list(spec.formats),
+            "chunk_windows": spec.chunk_windows, "shard_chunks": spec.shard_chunks,
+            "files": sum(spec.files(v["rows"]) for v in store.manifest["splits"].values()),
             "inputs": spec.inputs, "splits": store.manifest["splits"],
             "arrays": {n: {"dtype": d, "row_shape": list(s)} for n, (d, s) in spec.arrays().items()},
             "bytes_per_token": {n: b / max(total_rows, 1) for n, b in per_array.items()}

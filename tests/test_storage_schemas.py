@@ -137,3 +137,141 @@ def test_label_validate_names_missing_and_corrupt_units(tmp_path):
     ids["valid"][3] = True
     store.write_unit("train", 0, ids, tokens=np.zeros(16), seconds=0)
     assert any("concept id 77" in p for p in validate_store(tmp_path / "ls"))
+
+
+# -- layouts: today's default, byte for byte; and sharded ------------------------------------------
+
+# Computed with the code before sharding existed (commit 8873543): stores made with default options must
+# keep these, or every label store already on disk would be named differently or read differently.
+FINGERPRINT_BEFORE_SHARDING = "a135aef8c268bba67778e6852663b38bbd4645a456f7637c48274035e0b501b9"
+DEFAULT_FINGERPRINT_BEFORE_SHARDING = "528d2479ede7770c28c7a34b3b88bbb9f9fcc3d4af50b3848044b045c7a4d350"
+LISTING_BEFORE_SHARDING = "9e62f01ce5a0a6713e5cbd07fc15f042a67e09c5d7bd49bc1eeec30fae2424f3"
+
+
+def layout_spec(**over):
+    return LabelSpec(token_fingerprint="t" * 64, window=8, k=4, n_latents=50, chunk_windows=2, sae_k=3,
+                     teacher_k=2, inputs={"teacher": "x"}, **over)
+
+
+def fill_store(path, spec, splits):
+    """Every unit of a new store, with arrays drawn from a seed per unit; returns the store, consolidated."""
+    store = LabelStore.create(path, spec, splits)
+    for split in splits:
+        for unit, a, b in store.units(split):
+            rng = np.random.default_rng(a + len(split))
+            arrays = {n: rng.integers(0, 50, (b - a, *shape)).astype(dt) for n, (dt, shape) in spec.arrays().items()}
+            store.write_unit(split, unit, arrays, tokens=np.arange(a, b), seconds=0.0)
+    store.consolidate()
+    return store
+
+
+def listing(path) -> str:
+    """'relative path, first 16 hex of its sha256' per file (the manifest without its creation time)."""
+    import hashlib
+
+    lines = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        if f.name == "manifest.json":
+            m = json.loads(data)
+            m.pop("created")
+            data = json.dumps(m, sort_keys=True).encode()
+        lines.append(f"{f.relative_to(path)} {hashlib.sha256(data).hexdigest()[:16]}\n")
+    return "".join(lines)
+
+
+def test_default_layout_and_fingerprints_unchanged_by_sharding(tmp_path):
+    import hashlib
+
+    spec = layout_spec()
+    assert spec.fingerprint == FINGERPRINT_BEFORE_SHARDING == layout_spec(shard_chunks=4).fingerprint
+    assert LabelSpec(token_fingerprint="t" * 64, window=8, k=4, n_latents=50).fingerprint == \
+        DEFAULT_FINGERPRINT_BEFORE_SHARDING
+    fill_store(tmp_path / "ls", spec, {"train": 40, "val": 10})
+    text = listing(tmp_path / "ls")  # every file's name and bytes, the manifest's included
+    assert hashlib.sha256(text.encode()).hexdigest() == LISTING_BEFORE_SHARDING, text
+    manifest = json.loads((tmp_path / "ls" / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and "shard_chunks" not in manifest["spec"]
+    old = manifest["spec"]  # as a manifest written before sharding holds it (checked by the listing)
+    assert LabelSpec.from_json(old) == spec and spec.to_json() == old
+
+
+def test_sharded_store_memmaps_what_zarr_reads(tmp_path):
+    import zarr
+
+    spec = layout_spec(shard_chunks=3)  # a unit is 3 chunks of 16 rows
+    # train: two full shards and a short one (1 chunk of 14 rows); val: one shard shorter than a chunk
+    store = fill_store(tmp_path / "ls", spec, {"train": 110, "val": 10})
+    assert [b - a for _, a, b in store.units("train")] == [48, 48, 14] and len(store.units("val")) == 1
+    assert json.loads((tmp_path / "ls" / "manifest.json").read_text())["format_version"] == 2
+    store = LabelStore.open(tmp_path / "ls")
+    for split in ("train", "val"):
+        for name in spec.arrays():
+            arr = store.array(split, name)
+            assert np.array_equal(arr.read_all(), zarr.open_array(tmp_path / "ls" / split / name, mode="r")[...])
+            assert all(isinstance(arr.chunk(c), np.memmap) for c in range(arr.num_chunks))  # zero copy
+            shards = [f for f in (tmp_path / "ls" / split / name / "c").rglob("*") if f.is_file()]
+            assert len(shards) == len(store.units(split))  # one file per unit
+    assert validate_store(tmp_path / "ls") == []
+    assert store_info(tmp_path / "ls")["files"] == 3 * 8 + 1 * 8  # units x (7 arrays + a record)
+
+
+def test_sharded_reader_reads_a_chunk_zarr_left_out_as_zeros(tmp_path):
+    """Zarr leaves an all-fill inner chunk out of a shard unless write_empty_chunks (which write_unit
+    sets): a shard written without it still reads as zarr reads it."""
+    import zarr
+
+    spec = LabelSpec(token_fingerprint="t" * 64, window=8, k=4, n_latents=50, chunk_windows=2, shard_chunks=3)
+    store = LabelStore.create(tmp_path / "ls", spec, {"train": 96})
+    zeros = {n: np.zeros((48, *shape), dt) for n, (dt, shape) in spec.arrays().items()}
+    store.write_unit("train", 0, zeros, tokens=np.zeros(48), seconds=0)
+    from storage_schemas.io import MISSING, read_shard_index
+
+    f = tmp_path / "ls" / "train" / "valid" / "c" / "0"
+    assert (read_shard_index(f, store.shard_layout("train", "valid"), f.stat().st_size) != MISSING).all()
+    data = np.arange(48 * 4).reshape(48, 4).astype(np.uint16)
+    data[16:32] = 0  # the middle chunk is all fill value
+    zarr.open_array(tmp_path / "ls" / "train" / "ids", mode="r+")[48:96] = data
+    f = tmp_path / "ls" / "train" / "ids" / "c" / "1" / "0"
+    index = read_shard_index(f, store.shard_layout("train", "ids"), f.stat().st_size)
+    assert (index[1] == MISSING).all() and (index[[0, 2]] != MISSING).all()
+    got = LabelStore.open(tmp_path / "ls").array("train", "ids")
+    assert np.array_equal(got[48:96], data) and np.array_equal(got.read_all(), zarr.open_array(f.parents[2])[...])
+
+
+def test_sharded_store_damage_is_named_and_a_leftover_shard_rewritten(tmp_path):
+    spec = LabelSpec(token_fingerprint="t" * 64, window=8, k=4, n_latents=50, chunk_windows=2, shard_chunks=2)
+    store = LabelStore.create(tmp_path / "ls", spec, {"train": 72})
+    arrays = {u: fake_unit(b - a, seed=u) for u, a, b in store.units("train")}
+    for u, a, b in store.units("train"):
+        store.write_unit("train", u, arrays[u], tokens=np.zeros(b - a), seconds=0)
+    shard = tmp_path / "ls" / "train" / "scores" / "c" / "2" / "0"  # the short last shard: 8 rows
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-3])
+    assert validate_store(tmp_path / "ls") == [f"{shard}: {len(good) - 3} bytes, expected {len(good)} "
+                                               "(truncated or foreign)"]
+    with pytest.raises(StoreError, match="fails its crc32c"):
+        LabelStore.open(tmp_path / "ls").array("train", "scores")[64:72]
+    # a write killed halfway left garbage in its shard: the unit, labelled again, rewrites it whole
+    store.write_unit("train", 2, arrays[2], tokens=np.zeros(8), seconds=0)
+    assert shard.read_bytes() == good and validate_store(tmp_path / "ls") == []
+    assert np.array_equal(LabelStore.open(tmp_path / "ls").array("train", "scores")[64:72], arrays[2]["scores"])
+
+
+def test_sharded_manifest_refused_by_a_reader_of_version_1_only(tmp_path):
+    from storage_schemas.io import read_manifest
+
+    LabelStore.create(tmp_path / "ls", layout_spec(shard_chunks=2), {"train": 40})
+    with pytest.raises(StoreError, match="has format_version 2; this cocomix reads version 1$"):
+        read_manifest(tmp_path / "ls", "cocomix.label_store", 1)
+    with pytest.raises(StoreError, match="shard_chunks=0"):
+        layout_spec(shard_chunks=0)
+
+
+def test_files_per_billion_tokens():
+    """The counts README and bench quote: 1024-token windows, 64 per chunk."""
+    spec = LabelSpec(token_fingerprint="t", window=1024, k=4, n_latents=32768)
+    kd = LabelSpec(token_fingerprint="t", window=1024, k=4, n_latents=32768, teacher_k=32)
+    assert (spec.files(10**9), kd.files(10**9), kd.files(20 * 10**9)) == (61_036, 91_554, 1_831_056)
+    sharded = [LabelSpec(**{**s.to_json(), "formats": ("zarr",), "shard_chunks": 64}) for s in (spec, kd)]
+    assert (sharded[0].files(10**9), sharded[1].files(10**9), sharded[1].files(20 * 10**9)) == (956, 1_434, 28_614)
