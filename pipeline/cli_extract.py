@@ -51,7 +51,10 @@ def extract(
     store_teacher_topk: int | None = typer.Option(
         None, "--store-teacher-topk", metavar="K", help="Also store the teacher's top-K next-token log-probs "
         "(in every store)."),
-    chunk_windows: int = typer.Option(64, help="Windows per chunk (= per work unit)."),
+    chunk_windows: int = typer.Option(64, help="Windows per chunk (= per work unit, unsharded)."),
+    shard_chunks: int = typer.Option(
+        1, help="Chunks per zarr shard file (= per work unit): fewer files for big stores, still memory-mapped "
+        "by the trainer. 1: unsharded."),
     splits: str | None = typer.Option(None, help="Comma-separated splits to label (default: all)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (for the workers)."),
     threads: int | None = typer.Option(None, help="torch threads per CPU worker (default: its CPU share)."),
@@ -73,7 +76,7 @@ def extract(
         tokens=tokens, teacher=teacher, sae=o["sae"], layer=o["layer"], out=path, location=o["location"],
         window=window, k=o["topk"], selection=o["select"], formats=FORMATS[format], codec=codec, workers=workers,
         batch_windows=batch_windows, address=address, store_sae_topk=store_sae_topk, teacher_topk=store_teacher_topk,
-        chunk_windows=chunk_windows, splits=split_names, device=device, threads=threads, progress=progress)
+        chunk_windows=chunk_windows, shard_chunks=shard_chunks, splits=split_names, device=device, threads=threads, progress=progress)
         for path, o in zip(out, stores, strict=True)]
     try:
         summaries = run_extracts(cfgs)

@@ -3,7 +3,8 @@
 Driver (`run_extract`): open the token store, check the teacher and SAE against it and against each
 other (before Ray starts, so user mistakes cost seconds), build the LabelSpec whose fingerprint names
 the label set, create or reopen the store, take its lock, and plan the units that have no completion
-record. Each unit is one chunk of every array, so exactly one writer touches each chunk file.
+record. Each unit is one chunk of every array (with --shard-chunks N, one shard of N chunks, written
+whole), so exactly one writer touches each chunk (or shard) file and none reads another's.
 
 Several stores from one teacher pass (`run_extracts`, issue 14): one ExtractConfig per store, each
 exactly the config of a one-store extraction (so each store's plan and fingerprint are the same as
@@ -51,8 +52,8 @@ from storage_schemas import LabelSpec, LabelStore, TokenStore, UserError
 F16_MAX = float(np.finfo(np.float16).max)
 # ExtractConfig fields every store of one extraction shares: the same token store, teacher, window and
 # chunking make unit u the same rows in every store; the rest say how the one job runs.
-SHARED = ("tokens", "teacher", "window", "chunk_windows", "splits", "workers", "batch_windows", "address",
-          "device", "threads", "progress")
+SHARED = ("tokens", "teacher", "window", "chunk_windows", "shard_chunks", "splits", "workers", "batch_windows",
+          "address", "device", "threads", "progress")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,10 @@ class ExtractConfig:
     teacher_topk: int | None = None
     """Also store the teacher's top-K next-token log-probabilities (KD baseline)."""
     chunk_windows: int = 64
-    """Windows per chunk = per work unit."""
+    """Windows per chunk = per work unit (unsharded)."""
+    shard_chunks: int = 1
+    """Chunks per zarr shard file; > 1: a work unit is one whole shard (shard_chunks x chunk_windows windows),
+    written in one go by one worker, so no two workers ever write one file. 1: unsharded, today's layout."""
     splits: tuple[str, ...] | None = None
     """Splits to label; None: all of the token store's."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -102,7 +106,7 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("k", "workers", "batch_windows", "chunk_windows"):
+        for name in ("k", "workers", "batch_windows", "chunk_windows", "shard_chunks"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.window is not None and self.window < 2:
@@ -297,7 +301,8 @@ def plan(cfg: ExtractConfig, tokens: TokenStore) -> tuple[LabelSpec, dict[str, i
         inputs |= {"score": SCORE_DEFINITIONS[cfg.selection], "selection": cfg.selection}
     spec = LabelSpec(token_fingerprint=tokens.fingerprint, window=window, k=cfg.k, n_latents=sae.cfg.n_latents,
                      inputs=inputs, sae_k=sae.cfg.k if cfg.store_sae_topk else None, teacher_k=cfg.teacher_topk,
-                     chunk_windows=cfg.chunk_windows, codec=cfg.codec, formats=tuple(cfg.formats))
+                     chunk_windows=cfg.chunk_windows, codec=cfg.codec, formats=tuple(cfg.formats),
+                     shard_chunks=cfg.shard_chunks)
     return spec, split_tokens
 
 
@@ -323,8 +328,9 @@ def open_store(out: Path, spec: LabelSpec, split_tokens: dict[str, int]) -> Labe
         old = LabelStore.open(out)
         if old.fingerprint == spec.fingerprint and old.spec != spec:
             raise UserError(f"{out} holds this label set stored with codec {old.spec.codec}, formats "
-                            f"{','.join(old.spec.formats)}, {old.spec.chunk_windows} windows per chunk; rerun "
-                            "with those options, or convert it with `cocomix shards export`")
+                            f"{','.join(old.spec.formats)}, {old.spec.chunk_windows} windows per chunk, "
+                            f"{old.spec.shard_chunks} chunk(s) per shard; rerun with those options, or convert "
+                            "it with `cocomix shards export`")
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out.parent.resolve(), blocking=True):
         return LabelStore.create(out, spec, split_tokens)

@@ -17,6 +17,7 @@ from test_extract_checks import WINDOW, base_args, cli, make_token_store, refuse
 from pipeline.attribution import SELECTIONS, attribute
 from pipeline.extract import ExtractConfig, plan
 from storage_schemas import LabelStore, TokenStore, validate_store
+from storage_schemas.io import chunk_file
 
 pytestmark = pytest.mark.slow
 LABELS = ("ids", "scores", "valid")
@@ -161,6 +162,32 @@ def test_worker_killed_mid_unit_is_retried_with_same_bytes(job):
     assert ray.get(actor.__ray_call__.remote(lambda self: os.getpid())) != first_pid  # really a new process
     assert store.is_complete("train", 0) and chunk_bytes(out) == expect
     ray.kill(actor)
+
+
+def test_sharded_extraction_equals_default_and_resumes_byte_identical(job):
+    """--shard-chunks 2: a unit is one shard of two chunks (one file per array), written whole by one
+    worker; the labels equal the default layout's. A unit killed mid-write (garbage in its shard files,
+    no record) and the short last unit, lost too, are labelled again on rerun, byte for byte."""
+    out = job / "sharded"
+    args = base_args(job, **{"--out": out, "--shard-chunks": 2, **RUN, "--workers": 2})
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    store = LabelStore.open(out)
+    assert store.spec.shard_chunks == 2 and store.fingerprint == planned(job, None).fingerprint
+    assert all(b - a == 2 * 3 * WINDOW for _, a, b in store.units("train")[:-1])
+    assert validate_store(out, job / "tokens") == []
+    ref, got = labels_of(job / "labels"), labels_of(out)
+    assert all(np.array_equal(ref[key], got[key]) for key in ref)
+    before, last = chunk_bytes(out), len(store.units("train")) - 1
+    for unit in (1, last):
+        store.record_path("train", unit).unlink()
+        for name in LABELS:
+            shard = chunk_file(out / "train" / name, unit, 1 if name == "valid" else 2)
+            shard.write_bytes(shard.read_bytes()[:40] + b"killed")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "in 2 of" in r.output and chunk_bytes(out) == before
+    assert validate_store(out, job / "tokens") == []
 
 
 # -- label selections -----------------------------------------------------------------------------

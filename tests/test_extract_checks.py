@@ -89,6 +89,7 @@ def test_other_mistakes(stores):
     assert "neither a local folder nor a cached hub model" in refused(stores, **{"--teacher": "no/such-model"})
     assert "--format must be zarr, parquet or both" in refused(stores, **{"--format": "csv"})
     assert "cannot load an SAE" in refused(stores, **{"--sae": stores / "tokens"})
+    assert refused(stores, **{"--shard-chunks": 0}) == "error: --shard-chunks must be at least 1, got 0"
 
 
 def test_no_tokenizer_files_in_teacher_is_accepted(stores):
