@@ -195,15 +195,20 @@ def _plot_rank_frequency(counts, out: Path, title: str) -> None:
 def export(path: Path, to: str = typer.Option(..., "--to", help="parquet or zarr."),
            out: Path = typer.Option(..., "--out", help="New label store folder."),
            codec: str | None = typer.Option(None, help="raw or zstd for --to zarr (default: the source's)."),
+           shard_chunks: int | None = typer.Option(
+               None, help="Chunks per shard file of the new store (1: unsharded; default: the source's)."),
            tokens: Path | None = typer.Option(None, help="Token store, for the token column of Parquet output.")
            ) -> None:
-    """Copy a label store into another format; zarr -> parquet -> zarr gives identical arrays."""
-    new = export_store(path, to, out, codec=codec, tokens=tokens)
-    typer.echo(f"{out}: {', '.join(new.spec.formats)} ({new.spec.codec}), fingerprint {new.fingerprint[:12]}")
+    """Copy a label store into another format or layout; zarr -> parquet -> zarr gives identical arrays."""
+    new = export_store(path, to, out, codec=codec, tokens=tokens, shard_chunks=shard_chunks)
+    typer.echo(f"{out}: {', '.join(new.spec.formats)} ({new.spec.codec}, {new.spec.shard_chunks} chunk(s) per "
+               f"shard), fingerprint {new.fingerprint[:12]}")
 
 
-def export_store(path: Path, to: str, out: Path, codec: str | None = None, tokens: Path | None = None):
-    """Write every unit of the label store at path into a new store at out with formats (to,)."""
+def export_store(path: Path, to: str, out: Path, codec: str | None = None, tokens: Path | None = None,
+                 shard_chunks: int | None = None):
+    """Write every unit of the label store at path into a new store at out with formats (to,) and
+    shard_chunks chunks per shard (None: the source's); the label set (fingerprint) is the same."""
     import dataclasses
 
     from pipeline.concepts import open_label_store, token_store_for
@@ -211,24 +216,28 @@ def export_store(path: Path, to: str, out: Path, codec: str | None = None, token
 
     if to not in ("parquet", "zarr"):
         raise UserError(f"--to {to!r}: choose parquet or zarr")
+    if shard_chunks is not None and shard_chunks < 1:
+        raise UserError(f"--shard-chunks must be at least 1, got {shard_chunks}")
     if out.exists():
         raise UserError(f"--out {out} already exists; choose another --out or remove it")
     store = open_label_store(path)
     if missing := store.missing_units():
         raise UserError(f"{path} is incomplete ({len(missing)} unit(s) missing, first {missing[0]}); "
                         "finish extraction before exporting")
-    spec = dataclasses.replace(store.spec, formats=(to,), codec=codec or store.spec.codec)
-    need_tokens = to == "parquet" and "parquet" not in store.spec.formats
+    spec = dataclasses.replace(store.spec, formats=(to,), codec=codec or store.spec.codec,
+                               shard_chunks=shard_chunks or store.spec.shard_chunks)
+    same_units = spec.unit_rows == store.spec.unit_rows  # else the source's Parquet files split other rows
+    need_tokens = to == "parquet" and ("parquet" not in store.spec.formats or not same_units)
     ts = token_store_for(store, tokens) if need_tokens else None
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         new = LabelStore.create(tmp, spec, {s: v["rows"] for s, v in store.manifest["splits"].items()})
         for split in store.manifest["splits"]:
-            for unit, a, b in store.units(split):
+            for unit, a, b in new.units(split):
                 arrays = {name: store.array(split, name)[a:b] for name in spec.arrays()}
-                seconds = store.record(split, unit).get("seconds", 0.0)
-                new.write_unit(split, unit, arrays, _unit_tokens(store, ts, split, unit, a, b), seconds)
+                new.write_unit(split, unit, arrays, _unit_tokens(store, ts, split, unit, a, b, to),
+                               _seconds(store, split, a, b))
         new.consolidate()
         os.replace(tmp, out)
     except BaseException:
@@ -237,14 +246,22 @@ def export_store(path: Path, to: str, out: Path, codec: str | None = None, token
     return LabelStore.open(out)
 
 
-def _unit_tokens(store, ts, split: str, unit: int, a: int, b: int):
-    """Token ids of rows [a, b): from the token store, else the source's Parquet `token` column."""
+def _seconds(store, split: str, a: int, b: int) -> float:
+    """Labelling seconds of rows [a, b): those of the source's units that start there (its own unit's,
+    when the layouts' units agree)."""
+    rows = store.spec.unit_rows
+    return sum(store.record(split, u).get("seconds", 0.0) for u in range(-(-a // rows), -(-b // rows)))
+
+
+def _unit_tokens(store, ts, split: str, unit: int, a: int, b: int, to: str):
+    """Token ids of rows [a, b) for Parquet output: from the token store, else (same units) the source's
+    Parquet `token` column."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    if to != "parquet":
+        return np.zeros(b - a, np.uint32)  # zarr output stores no tokens; write_unit ignores them
     if ts is not None:
         return ts.tokens(split)[a:b]
-    if "parquet" in store.spec.formats:
-        col = pq.read_table(store.path / "parquet" / f"{split}-{unit:06d}.parquet", columns=["token"])
-        return col.column("token").to_numpy()
-    return np.zeros(b - a, np.uint32)  # zarr output stores no tokens; write_unit ignores them
+    col = pq.read_table(store.path / "parquet" / f"{split}-{unit:06d}.parquet", columns=["token"])
+    return col.column("token").to_numpy()

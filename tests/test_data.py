@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from conftest import TEXT
 
-from storage_schemas import LabelSpec, LabelStore, TokenStore, TokenStoreWriter, UserError
+from storage_schemas import (
+    LabelSpec,
+    LabelStore,
+    TokenStore,
+    TokenStoreWriter,
+    UserError,
+    validate_store,
+)
 from trainer.config import TrainConfig
 from trainer.data import WindowData, WindowOrder, micro_batch, open_stores
 
@@ -44,10 +51,10 @@ def label_arrays(tokens: np.ndarray, spec: LabelSpec, seed: int) -> dict:
 
 
 def make_label_store(path, ts: TokenStore, window=16, n_latents=50, k=4, chunk_windows=16, codec="raw",
-                     formats=("zarr",), teacher_k=None, skip_units=0, token_fingerprint=None):
+                     formats=("zarr",), teacher_k=None, skip_units=0, token_fingerprint=None, shard_chunks=1):
     spec = LabelSpec(token_fingerprint=token_fingerprint or ts.fingerprint, window=window, k=k,
                      n_latents=n_latents, chunk_windows=chunk_windows, codec=codec, formats=formats,
-                     teacher_k=teacher_k, inputs={"test": "synthetic"})
+                     teacher_k=teacher_k, inputs={"test": "synthetic"}, shard_chunks=shard_chunks)
     store = LabelStore.create(path, spec, {s: ts.num_tokens(s) for s in ts.splits})
     for split in ts.splits:
         toks = ts.tokens(split)[:]
@@ -85,10 +92,13 @@ def test_windows_and_targets_equal_direct_slices(tmp_path, tokenizer_dir, chunk_
     assert exact.batch(np.array([exact.n_windows - 1]))["targets"].tolist() == [[-1]]
 
 
-@pytest.mark.parametrize("codec,formats", [("raw", ("zarr",)), ("zstd", ("zarr",)), ("raw", ("parquet",))])
-def test_labels_line_up_with_tokens(tmp_path, tokenizer_dir, codec, formats):
+@pytest.mark.parametrize("codec,formats,shard_chunks", [
+    ("raw", ("zarr",), 1), ("zstd", ("zarr",), 1), ("raw", ("parquet",), 1),
+    ("raw", ("zarr",), 3), ("zstd", ("zarr",), 3), ("raw", ("parquet",), 3)])  # 3 chunks (48 windows) per shard
+def test_labels_line_up_with_tokens(tmp_path, tokenizer_dir, codec, formats, shard_chunks):
     ts = make_token_store(tmp_path / "ts", tokenizer_dir)
-    ls = make_label_store(tmp_path / "ls", ts, codec=codec, formats=formats)
+    ls = make_label_store(tmp_path / "ls", ts, codec=codec, formats=formats, shard_chunks=shard_chunks)
+    assert validate_store(ls.path, checksums=False) == []  # the trainer's check before it starts
     data = WindowData(ts, "train", 16, ls, mode="cocomix")
     windows = np.array([40, 0, data.n_windows - 1, 17, 3])  # several chunks, out of order
     b = data.batch(windows)

@@ -20,7 +20,7 @@ def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def build_stores(root, tokenizer_dir, formats=("zarr",), codec="raw", seed=0, labels=None):
+def build_stores(root, tokenizer_dir, formats=("zarr",), codec="raw", seed=0, labels=None, shard_chunks=1):
     """A token store of random ids and a complete label store over it; returns (tokens, labels, arrays).
 
     arrays[split][name] holds the full known array written unit by unit. `labels(split, n)` may supply them.
@@ -32,7 +32,8 @@ def build_stores(root, tokenizer_dir, formats=("zarr",), codec="raw", seed=0, la
         w.add_document("val" if i % 4 == 0 else "train", rng.integers(1, 300, size=rng.integers(10, 40)))
     ts = TokenStore.open(root / "tokens") if w.finish({"sources": []}) else None
     spec = LabelSpec(token_fingerprint=ts.fingerprint, window=WINDOW, k=K, n_latents=N_LATENTS, chunk_windows=2,
-                     inputs={"tokens_path": str(root / "tokens")}, formats=formats, codec=codec)
+                     inputs={"tokens_path": str(root / "tokens")}, formats=formats, codec=codec,
+                     shard_chunks=shard_chunks)
     sizes = {s: ts.num_tokens(s) for s in ts.splits}
     store = LabelStore.create(root / "labels", spec, sizes)
     arrays = {s: (labels or random_labels)(s, n, rng) for s, n in sizes.items()}
@@ -166,3 +167,59 @@ def test_export_refuses_incomplete_store(tmp_path):
     assert r.exit_code == 2 and "incomplete (3 unit(s) missing" in r.stderr and not (tmp_path / "x").exists()
     r = cli("shards", "stats", tmp_path / "nowhere")
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- sharded stores -------------------------------------------------------------------------------
+
+
+def test_every_command_works_on_a_sharded_store(tmp_path, tokenizer_dir):
+    tokens, labels, arrays = build_stores(tmp_path, tokenizer_dir, shard_chunks=2)
+    store = LabelStore.open(labels)
+    assert len(store.units("train")) == -(-store.num_rows("train") // (2 * 2 * WINDOW))  # a unit = 2 chunks
+    info = cli("shards", "info", labels)
+    assert info.exit_code == 0, info.output
+    for line in ("format: cocomix.label_store v2", "shard_chunks: 2", "complete: True"):
+        assert line in info.stdout
+    assert cli("shards", "validate", labels, "--tokens", tokens).stdout.strip() == "ok"
+    ref, rows, valid_rows, positive = reference_counts(arrays, ["train", "val"])
+    got = count_labels(store, ["train", "val"])
+    assert {c: int(n) for c, n in enumerate(got.counts) if n} == dict(ref) and got.valid_rows == valid_rows
+    head = cli("shards", "head", labels, "--n", "3", "--offset", "30")
+    assert head.exit_code == 0 and head.stdout.splitlines()[2].split()[0] == "30"
+    assert cli("shards", "stats", labels).exit_code == 0
+    shard = labels / "train" / "ids" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    r = cli("shards", "validate", labels)
+    assert r.exit_code == 1 and r.stdout.strip().splitlines() == [f"{shard}: checksum mismatch (corrupt or rewritten)"]
+
+
+def test_export_reshards_and_back_byte_identical(stores, tmp_path):
+    """Today's layout -> 3 chunks per shard -> Parquet -> unsharded again: the same arrays throughout,
+    and the last store's chunk files are the first's, byte for byte."""
+    tokens, labels, arrays = stores
+    sharded, as_parquet, back = tmp_path / "sharded", tmp_path / "pq", tmp_path / "back"
+    r = cli("shards", "export", labels, "--to", "zarr", "--shard-chunks", 3, "--out", sharded)
+    assert r.exit_code == 0, r.output
+    assert cli("shards", "export", sharded, "--to", "parquet", "--out", as_parquet).exit_code == 0
+    assert cli("shards", "export", as_parquet, "--to", "zarr", "--shard-chunks", 1, "--out", back).exit_code == 0
+    src, mid, pq_store, dst = (LabelStore.open(p) for p in (labels, sharded, as_parquet, back))
+    assert src.fingerprint == mid.fingerprint == pq_store.fingerprint == dst.fingerprint
+    assert (mid.spec.shard_chunks, pq_store.spec.shard_chunks, dst.spec.shard_chunks) == (3, 3, 1)
+    assert len(mid.units("train")) == -(-len(src.units("train")) // 3)
+    for split, arrs in arrays.items():
+        for name, arr in arrs.items():
+            for store in (mid, pq_store, dst):
+                assert np.array_equal(store.array(split, name).read_all(), arr)
+    for p in (sharded, as_parquet, back):
+        assert cli("shards", "validate", p, "--tokens", tokens).stdout.strip() == "ok"
+    chunks = lambda root: {str(f.relative_to(root)): f.read_bytes() for f in root.glob("*/*/c/**/*") if f.is_file()}  # noqa: E731
+    assert chunks(back) == chunks(labels)
+
+
+def test_bad_shard_chunks_refused(stores, tmp_path):
+    _, labels, _ = stores
+    r = cli("shards", "export", labels, "--to", "zarr", "--shard-chunks", 0, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and r.stderr.strip() == "error: --shard-chunks must be at least 1, got 0"
+    assert not (tmp_path / "x").exists()
