@@ -30,6 +30,7 @@ def plan(
     micro_batch: int = typer.Option(0, help="Training windows per micro-batch per device (default batch_size)."),
     extract_batch: int = typer.Option(8, help="Windows per teacher forward in extraction."),
     chunk_windows: int = typer.Option(64, help="Windows per label-store chunk file."),
+    shard_chunks: int = typer.Option(1, help="Label-store chunks per shard file (1: unsharded)."),
     devices: int = typer.Option(1, help="Accelerators, for the wall time."),
     peak_tflops: float = typer.Option(989.0, help="Peak dense TFLOP/s per device (989: H100/H200 bf16)."),
     mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed for training."),
@@ -46,7 +47,7 @@ def plan(
     cfg = PlanConfig(preset=preset, config=config, sets=tuple(sets), teacher=teacher, sae=sae, sae_latents=sae_latents,
                      sae_k=sae_k, layer=layer, label_k=label_k, teacher_topk=teacher_topk, tokens=int(tokens),
                      micro_batch=micro_batch, extract_batch=extract_batch, chunk_windows=chunk_windows,
-                     devices=devices, peak_tflops=peak_tflops, mfu=mfu, extract_mfu=extract_mfu, act_bytes=act_bytes)
+                     shard_chunks=shard_chunks, devices=devices, peak_tflops=peak_tflops, mfu=mfu, extract_mfu=extract_mfu, act_bytes=act_bytes)
     p = make_plan(cfg)
     typer.echo(json.dumps(p) if as_json else format_plan(p))
 
@@ -98,7 +99,8 @@ def format_plan(p: dict) -> str:
         f"activations {_gib(me['activations'])}, logits {_gib(me['logits'])}, SAE pre-acts {_gib(me['sae_pre_acts'])}",
         f"label store  {ls['per_token']} bytes/token ({', '.join(f'{k} {v}' for k, v in ls['per_array'].items())}; "
         f"ids {ls['ids_dtype']}), {_si(ls['total'], 'B')} total; {ls['files']:,} files "
-        f"({ls['files_per_billion']:,} per 1B tokens at {ls['chunk_windows']} windows per chunk); "
+        f"({ls['files_per_billion']:,} per 1B tokens at {ls['chunk_windows']} windows per chunk"
+        + (f", {ls['shard_chunks']} chunks per shard" if ls["shard_chunks"] > 1 else "") + "); "
         f"token store {_si(ls['token_store_total'], 'B')}",
         f"wall time on {tm['devices']} device(s) of {tm['peak_tflops']:g} TFLOP/s",
         f"  extract    {_duration(tm['extract_s'])} at MFU {tm['extract_mfu']:g} "

@@ -55,8 +55,8 @@ block term is Korthikanti et al.'s:
                                      gather (pipeline.attribution slices it at about 64 MiB)
 Label store (storage_schemas.LabelSpec.arrays(), raw codec): per token k (2|4) ids (uint16 up to 65,536
 latents, else uint32) + 2 k scores (float16) + 1 valid (bool) [+ 6 K teacher top-K (uint32 ids, float16
-log-probs)] [+ (2|4 + 2) k_sae SAE code]; one work unit = chunk_windows x T rows = one file per array plus
-one completion record, so files per 1B tokens = ceil(1e9 / (chunk_windows T)) x (arrays + 1).
+log-probs)] [+ (2|4 + 2) k_sae SAE code]; one work unit = chunk_windows x T rows (x shard_chunks, sharded)
+= one file per array plus one completion record, so files per 1B tokens = ceil(1e9 / unit rows) x (arrays + 1).
 Wall time = F / (devices x peak x MFU). Default peak 989 TFLOP/s (H100/H200 SXM dense bf16) and MFU 0.4,
 a typical well-tuned GPU figure; `python -m bench.gpu_check` measures both kinds of MFU on a real GPU.
 """
@@ -110,6 +110,8 @@ class PlanConfig:
     """Windows per teacher forward in extraction (`cocomix extract --batch-windows`)."""
     chunk_windows: int = 64
     """Windows per label-store chunk (`cocomix extract --chunk-windows`)."""
+    shard_chunks: int = 1
+    """Chunks per label-store shard file (`cocomix extract --shard-chunks`); 1: unsharded."""
     devices: int = 1
     peak_tflops: float = 989.0
     """Peak dense TFLOP/s of one device at the activations' precision."""
@@ -121,7 +123,7 @@ class PlanConfig:
     """Bytes per activation: 2 (bf16 autocast, the GPU default) or 4 (fp32)."""
 
     def __post_init__(self):
-        for name in ("devices", "label_k", "extract_batch", "chunk_windows"):
+        for name in ("devices", "label_k", "extract_batch", "chunk_windows", "shard_chunks"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("tokens", "micro_batch"):
@@ -306,16 +308,14 @@ def extract_memory(t: TeacherShape, s: SAEShape, layer: int, window: int, b: int
 
 
 def label_store(latents: int, k: int, window: int, tokens: int, chunk_windows: int, teacher_topk: int,
-                vocab: int) -> dict:
+                vocab: int, shard_chunks: int = 1) -> dict:
     """Bytes and files of the label store `cocomix extract` would write (raw codec, zarr), and the token store."""
     spec = LabelSpec(token_fingerprint="plan", window=window, k=k, n_latents=latents, teacher_k=teacher_topk or None,
-                     chunk_windows=chunk_windows)
+                     chunk_windows=chunk_windows, shard_chunks=shard_chunks)
     per_array = {name: np.dtype(dt).itemsize * math.prod(shape) for name, (dt, shape) in spec.arrays().items()}
     per_token = sum(per_array.values())
-    files_per_unit = len(per_array) + 1  # a chunk file per array, and the unit's completion record
     return {"per_token": per_token, "per_array": per_array, "total": per_token * tokens, "ids_dtype": spec.ids_dtype,
-            "chunk_rows": spec.chunk_rows, "files": math.ceil(tokens / spec.chunk_rows) * files_per_unit,
-            "files_per_billion": math.ceil(1e9 / spec.chunk_rows) * files_per_unit,
+            "chunk_rows": spec.chunk_rows, "files": spec.files(tokens), "files_per_billion": spec.files(10**9),
             "token_store_total": np.dtype(dtype_for_vocab(vocab)).itemsize * tokens}
 
 
@@ -354,7 +354,9 @@ def make_plan(cfg: PlanConfig) -> dict:
                    "train": train_memory(tc, b, cfg.act_bytes, topk),
                    "extract": extract_memory(t, s, layer, tc.block_size, cfg.extract_batch, cfg.act_bytes)},
         "label_store": {"k": cfg.label_k, "teacher_topk": topk, "chunk_windows": cfg.chunk_windows,
-                        **label_store(s.latents, cfg.label_k, tc.block_size, tokens, cfg.chunk_windows, topk, t.vocab)},
+                        "shard_chunks": cfg.shard_chunks,
+                        **label_store(s.latents, cfg.label_k, tc.block_size, tokens, cfg.chunk_windows, topk, t.vocab,
+                                      cfg.shard_chunks)},
         "time": {"devices": cfg.devices, "peak_tflops": cfg.peak_tflops, "mfu": cfg.mfu, "extract_mfu": e_mfu,
                  **times, "train_tokens_per_s_per_device": tokens / times["train_s"] / cfg.devices,
                  "extract_tokens_per_s_per_device": tokens / times["extract_s"] / cfg.devices},
