@@ -142,10 +142,13 @@ def test_predicted_over_measured_is_about_one_for_a_bare_matmul():
     from bench.rehearsal import _timed, matmul_peak
 
     cpu = torch.device("cpu")
-    peak = matmul_peak(cpu, torch.float32, n=256, seconds=0.3)
     a, b = torch.randn(64, 256, 256), torch.randn(64, 256, 256)
-    measured = min(_timed(cpu, lambda: torch.bmm(a, b)) for _ in range(5))
-    ratio = 2 * 64 * 256**3 / peak / measured
+    # peak and products measured in turns, best of each: a machine shared with other jobs slows both alike
+    peaks, times = [], []
+    for _ in range(5):
+        peaks.append(matmul_peak(cpu, torch.float32, n=256, seconds=0.1))
+        times.append(_timed(cpu, lambda: torch.bmm(a, b)))
+    ratio = 2 * 64 * 256**3 / max(peaks) / min(times)
     assert 0.3 < ratio < 1.5, ratio  # at most a little above 1: the peak is the best block, this the best of 5
     assert plan.wall_seconds(2e15, 2, 1000.0, 0.5) == 2.0
 
