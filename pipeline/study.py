@@ -4,7 +4,8 @@ One folder holds the whole study, and every stage finds its finished output and 
 study is finished by running the same command again:
 
     <out>/tokens                 the corpus with the teacher's tokenizer (whole train split)
-    <out>/labels/<selection>     one label store per label selection (its own fingerprint)
+    <out>/labels/<selection>     one label store per label selection (its own fingerprint); the selections
+                                 after the signed one are extracted together, in one teacher pass
     <out>/runs/<arm>-seed<s>/    one student run per arm and seed (resumes from its last checkpoint)
     <out>/runs/<arm>-seed<s>.log
     <out>/report/                `cocomix compare` over every finished run
@@ -134,17 +135,21 @@ class Job:
     """Finished elsewhere: its kept copy matches this job (a run only)."""
     keep: Path | None = None
     """Where a run's small files are copied once it finishes."""
-    store: bool = False
-    """`done` is a label store's manifest, which exists from the store's first moment: the job has
-    finished when every unit is written."""
+    stores: tuple[Path, ...] = ()
+    """The label stores an extraction writes (`done` is the first one's manifest). A manifest exists from
+    a store's first moment: the job has finished when every unit of every store is written."""
+
+    @property
+    def store(self) -> bool:
+        return bool(self.stores)
 
     def finished(self) -> bool:
         if self.kept:
             return True
-        if self.store and self.done.exists():
+        if self.stores:
             from storage_schemas import LabelStore
 
-            return LabelStore.open(self.done.parent).complete
+            return all((s / "manifest.json").exists() and LabelStore.open(s).complete for s in self.stores)
         return self.done.exists()
 
 
@@ -250,12 +255,15 @@ def extract_config(cfg: StudyConfig, selection: str):
                          workers=cfg.jobs, threads=1, progress=False)
 
 
-def extract_argv(cfg: StudyConfig, selection: str) -> list[str]:
-    e = extract_config(cfg, selection)
+def extract_argv(cfg: StudyConfig, *selections: str) -> list[str]:
+    """One `cocomix extract` for the selections: several stores from one teacher pass when there are
+    several (each byte-identical to its one-store extraction)."""
+    es = [extract_config(cfg, sel) for sel in selections]
+    e = es[0]
     kd = ["--store-teacher-topk", e.teacher_topk] if e.teacher_topk else []
     return cocomix_argv("extract", "--tokens", e.tokens, "--teacher", e.teacher, "--sae", e.sae, "--layer", e.layer,
-                        "--window", e.window, "--select", e.selection, *kd, "--workers", e.workers,
-                        "--threads", e.threads, "--no-progress", "--out", e.out)
+                        "--window", e.window, *kd, "--workers", e.workers, "--threads", e.threads, "--no-progress",
+                        *[x for c in es for x in ("--select", c.selection, "--out", c.out)])
 
 
 def label_fingerprints(cfg: StudyConfig, tokens) -> dict[str, str]:
@@ -283,17 +291,19 @@ def plan_jobs(cfg: StudyConfig, n_tokens: int, wide: int, val_windows: int,
     """Every job of the study in start order (finished ones included; the runner skips them). With
     `fingerprints` ({"tokens": .., selection: ..}) and a keep folder, kept runs that match are finished,
     and a label store no unfinished run needs is left out."""
-    jobs, sels = [], selections(cfg)
+    sels = selections(cfg)
 
-    def extraction(sel: str) -> Job:
-        store = cfg.out / "labels" / sel
-        return Job(f"labels/{sel}", extract_argv(cfg, sel), cfg.out / "labels" / f"{sel}.log", cfg.jobs,
-                   store / "manifest.json", n_tokens / EXTRACT_TOK_S / 3600 * 2 / cfg.jobs, store=True)
+    def extraction(group: list[str]) -> Job:
+        """The stores of `group` from one teacher pass (a pass per store costs about as much as all of them)."""
+        stores = tuple(cfg.out / "labels" / sel for sel in group)
+        hours = n_tokens / EXTRACT_TOK_S / 3600 * 2 / cfg.jobs * (1 + 0.1 * (len(group) - 1))
+        return Job(f"labels/{'+'.join(group)}", extract_argv(cfg, *group), stores[0].with_suffix(".log"), cfg.jobs,
+                   stores[0] / "manifest.json", hours, stores=stores)
 
     def training(name: str, seed: int) -> Job:
         arm, run = ARMS[name], cfg.out / "runs" / run_name(name, seed)
         job = Job(run.name, train_argv(cfg, arm, seed, wide, val_windows), run.with_suffix(".log"), 1,
-                  run / "run.json", measured_hours(cfg, arm), [f"labels/{arm.selection}"] if arm.selection else [],
+                  run / "run.json", measured_hours(cfg, arm), [arm.selection] if arm.selection else [],
                   keep=cfg.keep / "runs" if cfg.keep else None)
         if cfg.keep and fingerprints is not None:
             expect = {"token_fingerprint": fingerprints["tokens"], "label_fingerprint": fingerprints.get(arm.selection)}
@@ -301,14 +311,20 @@ def plan_jobs(cfg: StudyConfig, n_tokens: int, wide: int, val_windows: int,
                                     expect)
         return job
 
-    first = [s for s in sels if s == "signed"]
-    jobs += [extraction(s) for s in first]
-    for i, phase in enumerate(ordered_arms(cfg)):
-        if i == len(PHASES) - 1:  # the other selections' stores, just before the arms that use them
-            jobs += [extraction(s) for s in sels if s not in first]
-        jobs += [training(name, seed) for seed in range(cfg.seeds) for name in phase]
-    needed = {n for j in jobs if not j.finished() for n in j.needs}
-    return [j for j in jobs if j.finished() or not j.name.startswith("labels/") or j.name in needed]
+    phases = [[training(name, seed) for seed in range(cfg.seeds) for name in phase] for phase in ordered_arms(cfg)]
+    # a store is extracted only when a run that is not finished needs it; the signed store first (the core
+    # arms), the other selections together, in one teacher pass, just before the arms that use them
+    wanted = {sel for phase in phases for j in phase if not j.finished() for sel in j.needs}
+    signed = [s for s in sels if s == "signed" and s in wanted]
+    others = [s for s in sels if s != "signed" and s in wanted]
+    extractions = [extraction([s]) for s in sels if s not in wanted] + [extraction(g) for g in (signed, others) if g]
+    by_sel = {sel: j for j in extractions for sel in j.name.removeprefix("labels/").split("+")}
+    for j in (j for phase in phases for j in phase):
+        j.needs = [by_sel[sel].name for sel in j.needs]
+    first = [j for j in extractions if j.name == "labels/signed"]
+    later = [j for j in extractions if j not in first]
+    jobs = first + [j for phase in phases[:-1] for j in phase] + later + phases[-1]
+    return [j for j in jobs if j.finished() or not j.store or any(j.name in t.needs for t in jobs if not t.finished())]
 
 
 def print_plan(cfg: StudyConfig, jobs: list[Job], n_tokens: int, wide: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_e2e import cocomix
 
-from pipeline.study import Job, StudyConfig, run_jobs, wide_width
+from pipeline.study import Job, StudyConfig, plan_jobs, run_jobs, wide_width
 
 TOY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set", "batch_size=8",
        "--set", "warmup_steps=2"]
@@ -47,6 +47,19 @@ def test_a_budget_leaves_jobs_that_would_end_past_it_and_their_dependents(tmp_pa
     assert run_jobs(jobs, slots=2, poll=0.05, hours=1.0) == []
     assert [j.name for j in jobs if j.done.exists()] == ["short"]  # the shorter job after it still ran
     assert "left for the next run (past the 1 h budget): labels/long, uses-long" in capsys.readouterr().out
+
+
+def test_later_label_selections_are_extracted_together_in_one_teacher_pass(tmp_path):
+    cfg = StudyConfig(out=tmp_path / "s", arms=("cocomix", "kd", "cocomix-negated", "cocomix-activation"), seeds=1)
+    jobs = plan_jobs(cfg, n_tokens=1000, wide=0, val_windows=4)
+    assert [j.name for j in jobs] == ["labels/signed", "cocomix-seed0", "kd-seed0", "labels/negated+activation",
+                                      "cocomix-negated-seed0", "cocomix-activation-seed0"]
+    signed, group = jobs[0].argv, jobs[3].argv
+    assert "--store-teacher-topk" in signed and "--store-teacher-topk" not in group  # KD's top-K: signed only
+    pairs = [(group[i + 1], group[i + 3]) for i, a in enumerate(group) if a == "--select"]
+    assert pairs == [("negated", str(tmp_path / "s/labels/negated")), ("activation", str(tmp_path / "s/labels/activation"))]
+    assert jobs[4].needs == jobs[5].needs == ["labels/negated+activation"] and jobs[1].needs == ["labels/signed"]
+    assert jobs[3].stores == (tmp_path / "s/labels/negated", tmp_path / "s/labels/activation")
 
 
 def test_ntp_wide_matches_the_cocomix_parameter_count():
