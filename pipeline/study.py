@@ -292,18 +292,19 @@ def plan_jobs(cfg: StudyConfig, n_tokens: int, wide: int, val_windows: int,
     `fingerprints` ({"tokens": .., selection: ..}) and a keep folder, kept runs that match are finished,
     and a label store no unfinished run needs is left out."""
     sels = selections(cfg)
+    hours = {name: measured_hours(cfg, ARMS[name]) for name in cfg.arms}  # reads every finished run once
 
     def extraction(group: list[str]) -> Job:
         """The stores of `group` from one teacher pass (a pass per store costs about as much as all of them)."""
         stores = tuple(cfg.out / "labels" / sel for sel in group)
-        hours = n_tokens / EXTRACT_TOK_S / 3600 * 2 / cfg.jobs * (1 + 0.1 * (len(group) - 1))
+        est = n_tokens / EXTRACT_TOK_S / 3600 * 2 / cfg.jobs * (1 + 0.1 * (len(group) - 1))
         return Job(f"labels/{'+'.join(group)}", extract_argv(cfg, *group), stores[0].with_suffix(".log"), cfg.jobs,
-                   stores[0] / "manifest.json", hours, stores=stores)
+                   stores[0] / "manifest.json", est, stores=stores)
 
     def training(name: str, seed: int) -> Job:
         arm, run = ARMS[name], cfg.out / "runs" / run_name(name, seed)
         job = Job(run.name, train_argv(cfg, arm, seed, wide, val_windows), run.with_suffix(".log"), 1,
-                  run / "run.json", measured_hours(cfg, arm), [arm.selection] if arm.selection else [],
+                  run / "run.json", hours[name], [arm.selection] if arm.selection else [],
                   keep=cfg.keep / "runs" if cfg.keep else None)
         if cfg.keep and fingerprints is not None:
             expect = {"token_fingerprint": fingerprints["tokens"], "label_fingerprint": fingerprints.get(arm.selection)}
@@ -324,7 +325,8 @@ def plan_jobs(cfg: StudyConfig, n_tokens: int, wide: int, val_windows: int,
     first = [j for j in extractions if j.name == "labels/signed"]
     later = [j for j in extractions if j not in first]
     jobs = first + [j for phase in phases[:-1] for j in phase] + later + phases[-1]
-    return [j for j in jobs if j.finished() or not j.store or any(j.name in t.needs for t in jobs if not t.finished())]
+    needed = {n for t in jobs if not t.store and not t.finished() for n in t.needs}
+    return [j for j in jobs if not j.store or j.name in needed or j.finished()]
 
 
 def print_plan(cfg: StudyConfig, jobs: list[Job], n_tokens: int, wide: int) -> None:
