@@ -136,7 +136,8 @@ study: setup
 
 # the report over the kept runs alone (what the README's study table is made from)
 study-report: setup
-	$(COCOMIX) compare $(STUDY_KEEP)/runs/*/ --out $(STUDY_KEEP)/report
+	$(COCOMIX) compare $(STUDY_KEEP)/runs/*/ --out $(STUDY_KEEP)/report \
+	  $(if $(wildcard $(STUDY_KEEP)/runs/cocomix-seed*),--against cocomix)
 
 # copies the finished runs of a study folder run without a keep folder (older studies), then the report
 study-keep: setup

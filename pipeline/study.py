@@ -36,6 +36,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -445,7 +446,9 @@ def run_study(cfg: StudyConfig) -> tuple[Path | None, list[str]]:
         if runs:
             from trainer.report import compare
 
-            report = compare(runs, home / "report")
+            # the label selections differ from `cocomix` only in their labels: measure them against it too
+            against = ("cocomix",) if any(re.fullmatch(r"cocomix-seed\d+", p.name) for p in runs) else ()
+            report = compare(runs, home / "report", against)
             print(f"report: {report} ({len(runs)} runs)")
         print(f"this pass took {(time.perf_counter() - t0) / 3600:.2f} h")
         return report, failures

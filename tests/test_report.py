@@ -174,6 +174,34 @@ def test_study_verdict_lists(study):
     assert "`cocomix` vs `ntp-wide`" not in significant
 
 
+def test_against_adds_a_baseline_by_name(study, tmp_path):
+    _, _, out = study
+    runs = sorted(p for p in (out.parent / "runs").iterdir())
+    report = compare(runs, tmp_path / "r", against=("cocomix", "ntp")).read_text()
+    summary = read_summary(tmp_path / "r")
+    assert set(summary["paired"]) == {"ntp", "ntp-wide", "cocomix"}
+    assert set(summary["paired"]["cocomix"]) == {"pause"}  # not against itself, and NTP groups are no arms
+    d = summary["paired"]["cocomix"]["pause"]["total"]
+    mean, lo, hi = hand_ci(FINALS["pause"], FINALS["cocomix"])
+    assert (d["mean"], d["ci_low"], d["ci_high"], d["verdict"]) == pytest.approx((mean, lo, hi, "worse"), abs=2e-4)
+    assert f"| pause | cocomix | 3 | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | worse |" in report
+    assert "## Sample efficiency against `cocomix`" in report
+    assert summary["paired"]["ntp"] == read_summary(out)["paired"]["ntp"]  # the NTP comparisons unchanged
+
+
+def test_against_refuses_an_unknown_group(study, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _, _, out = study
+    r = CliRunner().invoke(app, ["compare", *map(str, (out.parent / "runs").iterdir()), "--out",
+                                 str(tmp_path / "r"), "--against", "cocomix-negated"])
+    assert r.exit_code == 2, r.output
+    assert "--against cocomix-negated: no such group among the runs (" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_study_plot_is_a_png_with_a_panel_per_source(study):
     import matplotlib.image
 

@@ -154,6 +154,8 @@ def test_killed_study_is_finished_by_a_rerun_without_redoing_finished_runs(toy_a
     report = (keep / "report" / "report.md").read_text()
     for arm in ("ntp", "ntp-wide", "cocomix", "kd"):
         assert f"| {arm} |" in report
+    paired = json.loads((keep / "report" / "summary.json").read_text())["paired"]
+    assert set(paired) == {"ntp", "ntp-wide", "cocomix"} and set(paired["cocomix"]) == {"kd"}  # --against cocomix
     evals = [json.loads(x) for x in (out / "runs" / "cocomix-seed0" / "metrics.jsonl").read_text().splitlines()]
     last = [e for e in evals if e["val_loss"] is not None][-1]
     assert set(last["val_sources"]) == {"austen", "python-docs"}  # every eval reports both domains

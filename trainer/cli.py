@@ -104,11 +104,13 @@ def export_hf_cmd(
 def compare_cmd(
     runs: list[Path] = typer.Argument(..., help="run folders; several seeds of a mode are averaged"),
     out: Path = typer.Option(..., "--out", help="folder for report.md, val_loss.png, summary.json"),
+    against: list[str] = typer.Option([], "--against", help="also a baseline, by group name (repeatable; "
+                                      "the NTP groups always are), e.g. cocomix for other label selections"),
 ) -> None:
     """Compare runs: validation-loss curves, final loss (mean and spread over seeds), sample efficiency."""
     from trainer.report import compare
 
-    report = compare(runs, out)
+    report = compare(runs, out, tuple(against))
     typer.echo(report.read_text())
     typer.echo(f"wrote {report}")
 

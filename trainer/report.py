@@ -1,9 +1,11 @@
-"""`cocomix compare`: final losses over seeds, paired differences against the NTP baselines, sample efficiency.
+"""`cocomix compare`: final losses over seeds, paired differences against the baselines, sample efficiency.
 
 Runs are grouped by folder name without a seed suffix (`cocomix-seed0`, `cocomix-seed1`: one arm). Differences of
 a few hundredths of a nat are within seed noise at demo scale, so every arm is compared with each NTP baseline
 seed by seed (arm seed s against baseline seed s, which saw the same data order and initialisation seed), with a
 95% t confidence interval on the mean paired difference; a CI that contains 0 is reported as "inside noise".
+`--against GROUP` adds baselines by name: the study measures its label-selection arms against `cocomix`
+(the official signed attribution), which the NTP baselines alone cannot separate.
 The paper's sample-efficiency figure is computed per seed pair too: the tokens the arm's curve needed to reach
 the baseline's final validation loss, as a percentage of the tokens the baseline trained on.
 Where the metrics carry `val_sources` (loss per corpus source), each source gets its own columns and panel.
@@ -108,9 +110,19 @@ def source_names(groups: dict[str, list[Run]]) -> list[str]:
     return sorted({s for runs in groups.values() for r in runs for s in r.final_sources})
 
 
-def baselines(groups: dict[str, list[Run]]) -> list[str]:
-    """Every NTP group is a baseline: the same-width one and the one widened to CoCoMix's parameter count."""
-    return [name for name, runs in groups.items() if runs[0].mode == "ntp"]
+def baselines(groups: dict[str, list[Run]], against: tuple[str, ...] = ()) -> list[str]:
+    """Every NTP group is a baseline (the same-width one and the one widened to CoCoMix's parameter count),
+    then each group named in `against` (e.g. `cocomix`, the reference for the label-selection arms)."""
+    missing = [a for a in against if a not in groups]
+    if missing:
+        raise UserError(f"--against {', '.join(missing)}: no such group among the runs ({', '.join(groups)})")
+    ntp = [name for name, runs in groups.items() if runs[0].mode == "ntp"]
+    return ntp + [a for a in dict.fromkeys(against) if a not in ntp]
+
+
+def compared(groups: dict[str, list[Run]], base: str) -> list[str]:
+    """The arms measured against `base`: every group that is not NTP (NTP groups are the baselines) nor `base`."""
+    return [name for name, runs in groups.items() if runs[0].mode != "ntp" and name != base]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -190,15 +202,14 @@ def finals_by_seed(runs: list[Run], source: str | None = None) -> dict[int, floa
     return {r.seed: r.final(source) for r in runs if r.seed is not None and r.final(source) is not None}
 
 
-def paired_differences(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
+def paired_differences(groups: dict[str, list[Run]], against: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
     """{baseline: {arm: {"total": difference, "sources": {source: difference}}}} for every non-NTP arm."""
     names = source_names(groups)
     out = {}
-    for base in baselines(groups):
+    for base in baselines(groups, against):
         out[base] = {}
-        for arm, runs in groups.items():
-            if runs[0].mode == "ntp":
-                continue
+        for arm in compared(groups, base):
+            runs = groups[arm]
             total = paired_difference(finals_by_seed(runs), finals_by_seed(groups[base]))
             per = {s: paired_difference(finals_by_seed(runs, s), finals_by_seed(groups[base], s)) for s in names}
             out[base][arm] = {"total": total, "sources": {s: d for s, d in per.items() if d["n"]}}
@@ -231,10 +242,10 @@ def reach_by_seed(arm: list[Run], base: list[Run]) -> dict:
             "std_pct": std, "pairs": pairs}
 
 
-def sample_efficiency(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
+def sample_efficiency(groups: dict[str, list[Run]], against: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
     """{baseline: {arm: reach_by_seed}} for every non-NTP arm."""
-    return {base: {arm: reach_by_seed(runs, groups[base]) for arm, runs in groups.items() if runs[0].mode != "ntp"}
-            for base in baselines(groups)}
+    return {base: {arm: reach_by_seed(groups[arm], groups[base]) for arm in compared(groups, base)}
+            for base in baselines(groups, against)}
 
 
 def summarize(groups: dict[str, list[Run]]) -> list[dict]:
@@ -343,7 +354,7 @@ def diff_cell(d: dict) -> str:
 
 
 def paired_tables(paired: dict, sources: list[str]) -> list[str]:
-    lines = ["## Paired differences against the NTP baselines", "",
+    lines = ["## Paired differences against the baselines", "",
              "Final validation loss of the arm minus the baseline's, seed s against seed s over the seeds both ran "
              f"(negative = arm better), with a {CONFIDENCE:.0%} confidence interval from the t distribution with "
              "n - 1 degrees of freedom (n = pairs; none below 2).", "",
@@ -406,15 +417,17 @@ def markdown(rows: list[dict], paired: dict, efficiency: dict, sources: list[str
     return "\n".join(lines) + "\n"
 
 
-def compare(run_dirs: list[Path], out: Path) -> Path:
-    """Write `<out>/report.md`, `<out>/val_loss.png` and `<out>/summary.json`; return the report's path."""
+def compare(run_dirs: list[Path], out: Path, against: tuple[str, ...] = ()) -> Path:
+    """Write `<out>/report.md`, `<out>/val_loss.png` and `<out>/summary.json`; return the report's path.
+
+    The NTP groups are the baselines every other arm is measured against; `against` adds groups by name."""
     from trainer.downstream import downstream_markdown, downstream_rows  # it imports this module
 
     if not run_dirs:
         raise UserError("give at least one run folder to compare")
     groups = group_runs([load_run(p) for p in run_dirs])
     rows, sources = summarize(groups), source_names(groups)
-    paired, efficiency = paired_differences(groups), sample_efficiency(groups)
+    paired, efficiency = paired_differences(groups, against), sample_efficiency(groups, against)
     down = downstream_rows(groups)  # the runs `cocomix downstream` scored (<run>/downstream.json)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
