@@ -12,6 +12,7 @@ from trainer.report import (
     t_critical,
     t_two_sided_p,
     tokens_to_reach,
+    zoomed,
 )
 
 T95_DF2 = 4.303  # two-sided 95% Student t for n = 3 pairs, from the printed tables
@@ -209,8 +210,14 @@ def test_study_plot_is_a_png_with_a_panel_per_source(study):
     png = out / "val_loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w = matplotlib.image.imread(png).shape[:2]
-    assert w > 3 * h  # total + 2 sources, side by side
+    assert 1.6 * h < w < 2.4 * h  # total + 2 sources side by side; a zoomed row below
     assert sorted(p.name for p in out.iterdir()) == ["report.md", "summary.json", "val_loss.png"]  # no temp files
+
+
+def test_zoomed_row_leaves_out_arms_far_behind_the_best():
+    finals = {"ntp": 5.11, "cocomix": 5.04, "kd": 4.92, "pause": 6.57, "no-pred": 5.43, "edge": 5.41}
+    assert zoomed(finals) == ["ntp", "cocomix", "kd", "edge"]  # within 0.5 nats of kd's 4.92
+    assert zoomed({"only": 7.0}) == ["only"] and zoomed({}) == []
 
 
 def test_tokens_to_reach_per_seed_pair(tmp_path):

@@ -280,34 +280,65 @@ def seed_curves(runs: list[Run], source: str | None = None) -> tuple[np.ndarray,
     return grid, np.stack([np.interp(grid, t, loss) for t, loss in curves])
 
 
+ZOOM_NATS = 0.5
+"""The zoomed row shows the arms whose final loss is within this many nats of the best arm's."""
+
+
+def zoomed(finals: dict[str, float]) -> list[str]:
+    """The groups the zoomed row shows: final mean loss within ZOOM_NATS of the best group's."""
+    best = min(finals.values(), default=0.0)
+    return [name for name, final in finals.items() if final <= best + ZOOM_NATS]
+
+
+def _draw(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], colors: dict[str, str], start: float) -> None:
+    """Mean over seeds and a min..max band for every group, from `start` training tokens on."""
+    for name, (grid, losses) in curves.items():
+        keep = grid >= start
+        x, y = grid[keep] / 1e6, losses[:, keep]
+        ax.plot(x, y.mean(0), color=colors[name], label=f"{name} (n={len(y)})")
+        if len(y) > 1:
+            ax.fill_between(x, y.min(0), y.max(0), color=colors[name], alpha=0.2, lw=0)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.grid(alpha=0.3)
+
+
+def _ylim(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], start: float) -> None:
+    values = [losses[:, grid >= start] for grid, losses in curves.values()]
+    if values and all(v.size for v in values):
+        lo, hi = min(v.min() for v in values), max(v.max() for v in values)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+
+
 def plot(groups: dict[str, list[Run]], out: Path) -> None:
-    """One panel for the total validation loss and one per source: mean over seeds, band min..max over seeds."""
+    """A column for the total validation loss and one per source: mean over seeds, band min..max over seeds.
+
+    Top row: the whole run past its first fifth (the first evals, near ln V, would flatten the differences).
+    Bottom row: the second half of training, zoomed onto the arms within ZOOM_NATS of the best final loss,
+    so that an arm far behind (a stalled one) does not set the scale for the close comparisons."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [None, *source_names(groups)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, source in zip(axes[0], panels, strict=True):
-        late = []  # the curves past the first fifth of training: the y range worth seeing
-        for i, (name, runs) in enumerate(groups.items()):
-            curves = seed_curves(runs, source)
-            if curves is None:
-                continue
-            grid, losses = curves
-            color = f"C{i % 10}"
-            ax.plot(grid / 1e6, losses.mean(0), color=color, label=f"{name} (n={len(losses)})")
-            if len(losses) > 1:
-                ax.fill_between(grid / 1e6, losses.min(0), losses.max(0), color=color, alpha=0.2, lw=0)
-            late.append(losses[:, grid >= 0.2 * grid[-1]])
-        if late and all(x.size for x in late):  # the first evals (near ln V) would flatten the differences
-            lo, hi = min(x.min() for x in late), max(x.max() for x in late)
-            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-        ax.set_title("all validation tokens" if source is None else f"source: {source}")
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("validation loss (nats)")
-        ax.grid(alpha=0.3)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(groups)}
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8.4), squeeze=False)
+    for col, source in enumerate(panels):
+        curves = {name: seed_curves(runs, source) for name, runs in groups.items()}
+        curves = {name: c for name, c in curves.items() if c is not None}
+        title = "all validation tokens" if source is None else f"source: {source}"
+        end = max((grid[-1] for grid, _ in curves.values()), default=0.0)
+        top, bottom = axes[0][col], axes[1][col]
+        _draw(top, curves, colors, 0.0)
+        _ylim(top, curves, 0.2 * end)
+        top.set_title(title)
+        near = {n: curves[n] for n in zoomed({n: float(losses.mean(0)[-1]) for n, (_, losses) in curves.items()})}
+        _draw(bottom, near, colors, 0.5 * end)
+        _ylim(bottom, near, 0.5 * end)
+        off = [n for n in curves if n not in near]
+        bottom.set_title(f"{title}: second half, zoomed" + (f"\n(off scale: {', '.join(off)})" if off else ""),
+                         fontsize=9)
     axes[0][0].legend(title=f"mean over seeds; {BAND}", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
