@@ -36,7 +36,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -444,10 +443,10 @@ def run_study(cfg: StudyConfig) -> tuple[Path | None, list[str]]:
         runs = sorted(p.parent for p in (home / "runs").glob("*/run.json"))
         report = None
         if runs:
-            from trainer.report import compare
+            from trainer.report import compare, group_name
 
             # the label selections differ from `cocomix` only in their labels: measure them against it too
-            against = ("cocomix",) if any(re.fullmatch(r"cocomix-seed\d+", p.name) for p in runs) else ()
+            against = ("cocomix",) if any(group_name(p) == "cocomix" for p in runs) else ()
             report = compare(runs, home / "report", against)
             print(f"report: {report} ({len(runs)} runs)")
         print(f"this pass took {(time.perf_counter() - t0) / 3600:.2f} h")

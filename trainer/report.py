@@ -89,13 +89,18 @@ def load_run(path: Path) -> Run:
                np.array([r["val_loss"] for r in evals], float), sources, final)
 
 
+def group_name(path: Path) -> str:
+    """A run folder's group: its name without a trailing seed (`cocomix-seed1` -> `cocomix`)."""
+    return re.sub(r"[-_]?seed\d+$", "", Path(path).name)
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Group runs by folder name without a trailing seed (`cocomix-seed1` -> `cocomix`): the seeds of one setup.
 
     Two runs of one group with the same seed would make the seed pairing ambiguous, so that is refused."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        groups.setdefault(re.sub(r"[-_]?seed\d+$", "", r.path.name) or r.mode, []).append(r)
+        groups.setdefault(group_name(r.path) or r.mode, []).append(r)
     for name, members in groups.items():
         seen: dict[int, Path] = {}
         for r in members:
@@ -202,11 +207,11 @@ def finals_by_seed(runs: list[Run], source: str | None = None) -> dict[int, floa
     return {r.seed: r.final(source) for r in runs if r.seed is not None and r.final(source) is not None}
 
 
-def paired_differences(groups: dict[str, list[Run]], against: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
+def paired_differences(groups: dict[str, list[Run]], bases: list[str]) -> dict[str, dict[str, dict]]:
     """{baseline: {arm: {"total": difference, "sources": {source: difference}}}} for every non-NTP arm."""
     names = source_names(groups)
     out = {}
-    for base in baselines(groups, against):
+    for base in bases:
         out[base] = {}
         for arm in compared(groups, base):
             runs = groups[arm]
@@ -242,10 +247,10 @@ def reach_by_seed(arm: list[Run], base: list[Run]) -> dict:
             "std_pct": std, "pairs": pairs}
 
 
-def sample_efficiency(groups: dict[str, list[Run]], against: tuple[str, ...] = ()) -> dict[str, dict[str, dict]]:
+def sample_efficiency(groups: dict[str, list[Run]], bases: list[str]) -> dict[str, dict[str, dict]]:
     """{baseline: {arm: reach_by_seed}} for every non-NTP arm."""
     return {base: {arm: reach_by_seed(groups[arm], groups[base]) for arm in compared(groups, base)}
-            for base in baselines(groups, against)}
+            for base in bases}
 
 
 def summarize(groups: dict[str, list[Run]]) -> list[dict]:
@@ -458,7 +463,8 @@ def compare(run_dirs: list[Path], out: Path, against: tuple[str, ...] = ()) -> P
         raise UserError("give at least one run folder to compare")
     groups = group_runs([load_run(p) for p in run_dirs])
     rows, sources = summarize(groups), source_names(groups)
-    paired, efficiency = paired_differences(groups, against), sample_efficiency(groups, against)
+    bases = baselines(groups, against)
+    paired, efficiency = paired_differences(groups, bases), sample_efficiency(groups, bases)
     down = downstream_rows(groups)  # the runs `cocomix downstream` scored (<run>/downstream.json)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
